@@ -1,0 +1,383 @@
+"""The composition root: flags and environment in, everything built and wired, exit code out.
+
+Only this module reads the environment, installs signal handlers and exits.
+Every flag also reads `REFRESHER_<FLAG>`; the command line wins. A `REFRESHER_*`
+variable that names no flag of any subcommand is an error (a typo is never ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import NoReturn
+
+from refresher import __version__
+from refresher.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, ConfigError, RefresherError
+
+ENV_PREFIX = "REFRESHER_"
+# Set by us for --on-refresh commands; a hook that itself runs `refresher` must not trip.
+_ENV_WE_SET = {"REFRESHER_EXPIRES_AT"}
+
+log = logging.getLogger("refresher")
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    help: str
+    metavar: str | None = None
+    boolean: bool = False
+
+
+_CREDENTIALS = [
+    Flag("credentials", "credentials file, or a mounted Secret directory (required)", "PATH"),
+    Flag("flow", "auto (JWT when a private key is present, else OAuth), jwt or oauth [auto]", "FLOW"),
+    Flag(
+        "ims-endpoint",
+        "IMS host or URL [from the credentials, else ims-na1.adobelogin.com]",
+        "HOST|URL",
+    ),
+]
+_EXCHANGE = [
+    Flag("allow-insecure-http", "permit a plain http:// IMS endpoint (emulator, tests)", boolean=True),
+    Flag("ca-bundle", "extra CA certificates (PEM) to trust for IMS", "PATH"),
+    Flag("jwt-ttl", "lifetime of the signed JWT assertion, seconds [300]", "S"),
+    Flag("connect-timeout", "IMS connect timeout, seconds [5]", "S"),
+    Flag("read-timeout", "IMS read timeout, seconds [15]", "S"),
+    Flag("backoff-initial", "first retry delay after a transient failure, seconds [1]", "S"),
+    Flag("backoff-max", "cap of the exponential backoff, seconds [60]", "S"),
+    Flag(
+        "permanent-retry-interval",
+        "pause after IMS rejected the credentials, seconds [300]; a credentials change ends it",
+        "S",
+    ),
+]
+_OUTPUT = [
+    Flag("token-dir", "publish access_token, expires_at, token.json here (..data swap)", "DIR"),
+    Flag("file-mode", "mode of the published files, octal [0440]", "MODE"),
+    Flag("secret", "publish to this Kubernetes Secret", "NAME"),
+    Flag("secret-namespace", "namespace of --secret [the pod's]", "NS"),
+    Flag("on-refresh", "run CMD (no shell) after each publish", "CMD"),
+    Flag("on-refresh-timeout", "kill --on-refresh after this many seconds [30]", "S"),
+]
+_SCHEDULE = [
+    Flag("refresh-ratio", "refresh when this fraction of the lifetime has passed [0.8]", "R"),
+    Flag("jitter", "... earlier by a random fraction of the lifetime up to this [0.1]", "J"),
+    Flag("watch-interval", "stat the credentials for changes this often, seconds [2]", "S"),
+]
+_ONCE = [Flag("retry-timeout", "give up retrying after this many seconds [120]", "S")]
+_SERVER = [Flag("listen", "HOST:PORT of /healthz, /readyz, /metrics; empty disables [0.0.0.0:9876]", "ADDR")]
+_LOGGING = [
+    Flag("log-format", "json or text [json]", "FORMAT"),
+    Flag("log-level", "debug, info, warning or error [info]", "LEVEL"),
+]
+
+COMMANDS: dict[str, tuple[str, list[Flag]]] = {
+    "run": (
+        "keep a fresh token published, forever (the container's default command)",
+        _CREDENTIALS + _EXCHANGE + _OUTPUT + _SCHEDULE + _SERVER + _LOGGING,
+    ),
+    "once": (
+        "obtain and publish one token, then exit (init containers, CronJobs, scripts)",
+        _CREDENTIALS + _EXCHANGE + _OUTPUT + _SCHEDULE + _ONCE + _LOGGING,
+    ),
+    "check": (
+        "validate configuration and credentials offline and print a summary (no secrets)",
+        _CREDENTIALS + _EXCHANGE + _LOGGING,
+    ),
+}
+
+EXIT_CODES = """exit codes:
+  0  success
+  1  failed at run time (IMS unreachable after retries, a sink failed)
+  2  bad usage, configuration or credentials
+  3  IMS rejected the credentials
+
+Every flag also reads REFRESHER_<FLAG> (e.g. REFRESHER_TOKEN_DIR); the command line wins."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line and exit 2, like every other configuration problem.
+        self.exit(EXIT_USAGE, f"refresher: error: {message} (see --help)\n")
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.upper().replace("-", "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from refresher import emulator  # noqa: PLC0415 - only its flag definitions, no client code
+
+    parser = _Parser(
+        prog="refresher",
+        description="Keeps an Adobe IMS access token fresh for the application next to it.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (summary, flags) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=summary, epilog=EXIT_CODES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        for flag in flags:
+            help_text = f"{flag.help} (env {_env_name(flag.name)})"
+            if flag.boolean:
+                sub.add_argument(f"--{flag.name}", action="store_true", default=None, help=help_text)
+            else:
+                sub.add_argument(f"--{flag.name}", metavar=flag.metavar, help=help_text)
+    emulator_parser = commands.add_parser(
+        "emulator",
+        help="a local Adobe IMS emulator for demos and tests",
+        description="A local Adobe IMS emulator: both token endpoints, real checks, fault injection.",
+    )
+    emulator.add_arguments(emulator_parser)
+    return parser
+
+
+def _known_env(parser: argparse.ArgumentParser) -> set[str]:
+    names = set(_ENV_WE_SET)
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public walk
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for sub in action.choices.values():
+                names |= {_env_name(o.lstrip("-")) for a in sub._actions for o in a.option_strings if o.startswith("--")}  # noqa: SLF001
+    return names
+
+
+def _apply_env(parser: argparse.ArgumentParser, argv: Sequence[str], environ: dict[str, str]) -> None:
+    """Flags missing from argv take their `REFRESHER_*` value (argparse defaults)."""
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in _known_env(parser))
+    if unknown:
+        raise ConfigError(f"unknown environment variable(s) {', '.join(unknown)}: no such flag")
+    command = next((a for a in argv if not a.startswith("-")), None)
+    for action in parser._actions:  # noqa: SLF001
+        if not isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            continue
+        sub = action.choices.get(command or "")
+        if sub is None:
+            return
+        for sub_action in sub._actions:  # noqa: SLF001
+            long_names = [o for o in sub_action.option_strings if o.startswith("--")]
+            if not long_names or sub_action.dest == "help":
+                continue
+            value = environ.get(_env_name(long_names[0].lstrip("-")))
+            if value is None:
+                continue
+            if isinstance(sub_action, argparse._StoreTrueAction):  # noqa: SLF001
+                sub_action.default = value.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                sub_action.default = sub_action.type(value) if callable(sub_action.type) else value
+
+
+def _raw(args: argparse.Namespace, flags: list[Flag]) -> dict[str, str | None]:
+    raw: dict[str, str | None] = {}
+    for flag in flags:
+        value = getattr(args, flag.name.replace("-", "_"), None)
+        if flag.boolean:
+            raw[flag.name.replace("-", "_")] = "true" if value else None
+        else:
+            raw[flag.name.replace("-", "_")] = value
+    return raw
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    sys.exit(run_cli(list(sys.argv[1:] if argv is None else argv), dict(os.environ)))
+
+
+def run_cli(argv: list[str], environ: dict[str, str]) -> int:
+    parser = build_parser()
+    try:
+        _apply_env(parser, argv, environ)
+    except ConfigError as exc:
+        print(f"refresher: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "emulator":
+        from refresher import emulator  # noqa: PLC0415
+
+        return emulator.run(args)
+    try:
+        return _dispatch(args, environ)
+    except RefresherError as exc:
+        print(f"refresher: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback, no secret
+        # Only the type: an unexpected exception's message could quote a secret.
+        print(f"refresher: internal error ({type(exc).__name__}); please report it", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+def _dispatch(args: argparse.Namespace, environ: dict[str, str]) -> int:
+    from refresher.config import build_settings  # noqa: PLC0415 - keep --help fast
+
+    command: str = args.command
+    settings = build_settings(_raw(args, COMMANDS[command][1]), needs_output=command != "check")
+    if command == "check":
+        return _check(settings)
+    return _serve(command, settings, environ)
+
+
+def _check(settings: object) -> int:
+    from refresher.config import Settings, ims_base_url  # noqa: PLC0415
+    from refresher.credentials import load_credentials  # noqa: PLC0415
+    from refresher.clock import SystemClock  # noqa: PLC0415
+
+    assert isinstance(settings, Settings)  # noqa: S101
+    credentials = load_credentials(settings.credentials, flow=settings.flow)
+    summary = credentials.summary()
+    base = ims_base_url(settings.ims.endpoint or credentials.ims_endpoint)
+    if base.startswith("http://") and not settings.ims.allow_insecure_http:
+        raise ConfigError(f"IMS endpoint {base} is plain HTTP: pass --allow-insecure-http")
+    lines = [("flow", credentials.flow), ("ims", base)]
+    lines += [(k, v) for k, v in summary.items() if k not in ("flow", "ims_endpoint") and v not in (None, "", ())]
+    not_after = credentials.certificate_not_after
+    if not_after is not None:
+        days = (not_after - SystemClock().now()).total_seconds() / 86400
+        lines.append(("certificate_days_left", f"{days:.1f}"))
+    for key, value in lines:
+        if isinstance(value, list | tuple):
+            value = ", ".join(str(v) for v in value)
+        print(f"{key}: {value}")
+    if not_after is not None and (not_after - SystemClock().now()).total_seconds() <= 0:
+        print("refresher: error: the credentials' certificate has expired", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _serve(command: str, settings: object, environ: dict[str, str]) -> int:
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+    from refresher.clock import EventSleeper, SystemClock  # noqa: PLC0415
+    from refresher.config import Settings  # noqa: PLC0415
+    from refresher.health import HealthState  # noqa: PLC0415
+    from refresher.ims import ImsClient  # noqa: PLC0415
+    from refresher.logs import SecretRegistry, setup_logging  # noqa: PLC0415
+    from refresher.metrics import Metrics  # noqa: PLC0415
+    from refresher.notify import Notifier  # noqa: PLC0415
+    from refresher.server import ProbeServer  # noqa: PLC0415
+    from refresher.service import Service  # noqa: PLC0415
+    from refresher.sinks import Sink  # noqa: PLC0415
+    from refresher.sinks.file import FileSink  # noqa: PLC0415
+
+    assert isinstance(settings, Settings)  # noqa: S101
+    secrets = SecretRegistry()
+    setup_logging(settings.log_format, settings.log_level, secrets)
+    clock, sleeper = SystemClock(), EventSleeper()
+    metrics = Metrics(CollectorRegistry(auto_describe=True))
+    ims = settings.ims
+    stall_after_s = max(60.0, 3 * (ims.connect_timeout_s + ims.read_timeout_s))
+    health = HealthState(clock, stall_after_s=stall_after_s + 3 * settings.schedule.watch_interval_s)
+    sinks: list[Sink] = []
+    out = settings.output
+    if out.secret_name:
+        from refresher.sinks.secret import SecretSink  # noqa: PLC0415 - imports kubernetes
+
+        sinks.append(
+            SecretSink(
+                out.secret_name,
+                out.secret_namespace,
+                clock=clock,
+                in_cluster="KUBERNETES_SERVICE_HOST" in environ,
+                kubeconfig=environ.get("KUBECONFIG") or None,
+            )
+        )
+    if out.token_dir is not None:
+        sinks.append(FileSink(out.token_dir, clock=clock, file_mode=out.file_mode))
+    notifier = (
+        Notifier(out.on_refresh, timeout_s=out.on_refresh_timeout_s, base_env=environ, metrics=metrics)
+        if out.on_refresh
+        else None
+    )
+    client = ImsClient(ims)
+    service = Service(
+        settings,
+        clock=clock,
+        sleeper=sleeper,
+        client=client,
+        sinks=sinks,
+        metrics=metrics,
+        health=health,
+        secrets=secrets,
+        notifier=notifier,
+    )
+    log.info(
+        "starting",
+        extra={
+            "command": command,
+            "version": __version__,
+            "sinks": [s.name for s in sinks],
+            "credentials": str(settings.credentials),
+        },
+    )
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        service.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if command == "once":
+        try:
+            return service.once()
+        finally:
+            client.close()
+    server = None
+    if settings.listen is not None:
+        try:
+            server = ProbeServer(*settings.listen, health, metrics)
+        except OSError as exc:
+            raise ConfigError(f"--listen {settings.listen[0]}:{settings.listen[1]}: {exc.strerror}") from None
+        server.start()
+        log.info("serving probes and metrics", extra={"listen": f"{settings.listen[0]}:{server.port}"})
+    return _run_loop(service, server)
+
+
+def _run_loop(service: object, server: object) -> int:
+    """Run the loop in a worker thread; the main thread waits for it or for a signal.
+
+    On a signal the loop's sleep ends at once; an exchange in flight may take up to its
+    read timeout, so the main thread waits at most ~1.5 s, then lets any publish in
+    progress finish (the publish lock) and exits 0, leaving the token in place.
+    """
+    from refresher.server import ProbeServer  # noqa: PLC0415
+    from refresher.service import Service  # noqa: PLC0415
+
+    assert isinstance(service, Service)  # noqa: S101
+    outcome: list[int | BaseException] = []
+
+    def target() -> None:
+        try:
+            outcome.append(service.run())
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=target, name="refresh-loop", daemon=True)
+    worker.start()
+    while worker.is_alive() and not service.stopping:
+        worker.join(0.5)
+    if service.stopping:
+        worker.join(1.5)
+        with service.publish_lock:
+            pass  # a publish in progress completes before we exit
+    if isinstance(server, ProbeServer):
+        server.close()
+    result = outcome[0] if outcome else EXIT_OK
+    if isinstance(result, RefresherError):
+        log.error("%s", result)
+        return result.exit_code
+    if isinstance(result, BaseException):
+        log.critical("refresh loop crashed: %s", type(result).__name__, exc_info=result)
+        return EXIT_RUNTIME
+    return result

@@ -1,0 +1,253 @@
+"""One frozen, typed `Settings`, built and validated in one place.
+
+`cli.py` turns flags and `REFRESHER_*` variables into raw strings; `build_settings`
+turns those into typed values and reports every problem at once (one line, exit 2).
+Units are in the field names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit
+
+from refresher.errors import ConfigError
+
+DEFAULT_IMS_HOST = "ims-na1.adobelogin.com"
+
+Flow = Literal["auto", "jwt", "oauth"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ImsSettings:
+    endpoint: str | None
+    """`--ims-endpoint` as given (host or URL); None: take it from the credentials or the default."""
+    allow_insecure_http: bool
+    """Plain http:// is refused unless this is set (the emulator, local tests)."""
+    ca_bundle: Path | None
+    """Extra CA bundle (PEM) trusted in addition to nothing else: requests' `verify=`."""
+    jwt_ttl_s: int
+    """Lifetime of the signed JWT assertion (its `exp` claim), integer seconds."""
+    connect_timeout_s: float
+    read_timeout_s: float
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    refresh_ratio: float
+    """Refresh when this fraction of the token lifetime has passed."""
+    jitter: float
+    """... made earlier by a random fraction of the lifetime up to this."""
+    backoff_initial_s: float
+    backoff_max_s: float
+    """Cap of the exponential backoff between retryable failures."""
+    permanent_retry_s: float
+    """Pause after IMS rejected the credentials (a credentials change ends it at once)."""
+    retry_timeout_s: float
+    """`once`: give up after this long (exit 1)."""
+    watch_interval_s: float
+    """How often the credentials are stat()ed for a change while sleeping."""
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    token_dir: Path | None
+    file_mode: int
+    secret_name: str | None
+    secret_namespace: str | None
+    on_refresh: tuple[str, ...]
+    on_refresh_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Settings:
+    credentials: Path
+    flow: Flow
+    ims: ImsSettings
+    schedule: ScheduleSettings
+    output: OutputSettings
+    listen: tuple[str, int] | None
+    log_format: Literal["json", "text"]
+    log_level: str
+
+
+def ims_base_url(endpoint: str | None) -> str:
+    """`https://host[:port]` from a host or URL: scheme and host only, as `@adobe/jwt-auth` does."""
+    if not endpoint:
+        return f"https://{DEFAULT_IMS_HOST}"
+    text = endpoint.strip()
+    if "://" not in text:
+        text = f"https://{text}"
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"IMS endpoint {endpoint!r} is not a host or an http(s) URL")
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
+
+
+class _Collector:
+    """Collects every validation problem so the user sees them all in one line."""
+
+    def __init__(self, raw: Mapping[str, str | None]) -> None:
+        self.raw = raw
+        self.problems: list[str] = []
+
+    def get(self, name: str, parse: Callable[[str], T], default: T, check: str = "") -> T:
+        text = self.raw.get(name)
+        if text is None or text == "":
+            return default
+        try:
+            return parse(text)
+        except (ValueError, ConfigError) as exc:
+            hint = f" ({check})" if check else ""
+            self.problems.append(f"--{name.replace('_', '-')}={text!r}: {exc}{hint}")
+            return default
+
+    def require(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.problems.append(message)
+
+
+def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
+    def parse_positive(text: str) -> float:
+        value = parse(text)
+        if not value > 0:
+            raise ValueError("must be > 0")
+        return value
+
+    return parse_positive
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise ValueError("must be in [0, 1)")
+    return value
+
+
+def _mode(text: str) -> int:
+    value = int(text, 8)
+    if not 0 <= value <= 0o777:
+        raise ValueError("must be an octal file mode like 0440")
+    if not value & 0o400:
+        raise ValueError("the owner must be able to read the files (it re-reads them at start)")
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ValueError("must be HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - a probe endpoint must be reachable by kubelet
+    if host != "localhost":
+        ipaddress.ip_address(host)
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError("port out of range")
+    return host, port
+
+
+def _command(text: str) -> tuple[str, ...]:
+    import shlex  # noqa: PLC0415 - only needed when --on-refresh is set
+
+    parts = tuple(shlex.split(text))
+    if not parts:
+        raise ValueError("empty command")
+    return parts
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse_choice(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return parse_choice
+
+
+def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Settings:
+    """Typed settings from raw option strings (flag names with `_`). Raises ConfigError."""
+    c = _Collector(raw)
+    credentials = c.get("credentials", Path, Path())
+    c.require(str(credentials) not in ("", "."), "--credentials is required")
+    flow = c.get("flow", _choice("auto", "jwt", "oauth"), "auto")
+    endpoint = raw.get("ims_endpoint") or None
+    allow_http = c.get("allow_insecure_http", _bool, False)
+    if endpoint:
+        try:
+            base = ims_base_url(endpoint)
+            c.require(
+                base.startswith("https://") or allow_http,
+                f"--ims-endpoint {base} is plain HTTP: pass --allow-insecure-http to permit it",
+            )
+        except ConfigError as exc:
+            c.problems.append(str(exc))
+    ca_bundle = c.get("ca_bundle", Path, None)
+    if ca_bundle is not None:
+        c.require(ca_bundle.is_file(), f"--ca-bundle {ca_bundle} is not a readable file")
+    ims = ImsSettings(
+        endpoint=endpoint,
+        allow_insecure_http=allow_http,
+        ca_bundle=ca_bundle,
+        jwt_ttl_s=int(c.get("jwt_ttl", _positive(int), 300)),
+        connect_timeout_s=c.get("connect_timeout", _positive(float), 5.0),
+        read_timeout_s=c.get("read_timeout", _positive(float), 15.0),
+    )
+    c.require(ims.jwt_ttl_s <= 86400, "--jwt-ttl must be at most 86400 s (IMS rejects longer)")
+    ratio = c.get("refresh_ratio", _fraction, 0.8)
+    c.require(ratio > 0, "--refresh-ratio must be > 0")
+    jitter = c.get("jitter", _fraction, 0.1)
+    c.require(jitter < ratio or ratio == 0, "--jitter must be smaller than --refresh-ratio")
+    schedule = ScheduleSettings(
+        refresh_ratio=ratio,
+        jitter=jitter,
+        backoff_initial_s=c.get("backoff_initial", _positive(float), 1.0),
+        backoff_max_s=c.get("backoff_max", _positive(float), 60.0),
+        permanent_retry_s=c.get("permanent_retry_interval", _positive(float), 300.0),
+        retry_timeout_s=c.get("retry_timeout", _positive(float), 120.0),
+        watch_interval_s=c.get("watch_interval", _positive(float), 2.0),
+    )
+    token_dir = c.get("token_dir", Path, None)
+    secret_name = raw.get("secret") or None
+    output = OutputSettings(
+        token_dir=token_dir,
+        file_mode=c.get("file_mode", _mode, 0o440),
+        secret_name=secret_name,
+        secret_namespace=raw.get("secret_namespace") or None,
+        on_refresh=c.get("on_refresh", _command, ()),
+        on_refresh_timeout_s=c.get("on_refresh_timeout", _positive(float), 30.0),
+    )
+    if needs_output:
+        c.require(
+            token_dir is not None or secret_name is not None,
+            "no output: give --token-dir and/or --secret",
+        )
+    listen_text = raw.get("listen")
+    listen = None if listen_text == "" else c.get("listen", _listen, ("0.0.0.0", 9876))  # noqa: S104
+    log_format = c.get("log_format", _choice("json", "text"), "json")
+    log_level = c.get("log_level", _choice("debug", "info", "warning", "error"), "info")
+    if c.problems:
+        raise ConfigError("; ".join(c.problems))
+    return Settings(
+        credentials=credentials,
+        flow=flow,  # type: ignore[arg-type]  # validated by _choice above
+        ims=ims,
+        schedule=schedule,
+        output=output,
+        listen=listen,
+        log_format=log_format,  # type: ignore[arg-type]
+        log_level=log_level,
+    )

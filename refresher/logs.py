@@ -1,0 +1,120 @@
+"""JSON or text log lines on stdout, and the filter that keeps secrets out of them.
+
+Two layers of defence: callers never pass a secret (errors carry codes, not
+values), and `RedactingFilter` scrubs anything that still looks like one (a JWT,
+a PEM block, a registered secret value) from the message, the extra fields and
+the formatted traceback, at every level.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+REDACTED = "<redacted>"
+
+# A JWT (three base64url parts, the first starting with `eyJ` = '{"') and PEM blocks.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+_PEM = re.compile(r"-----BEGIN [A-Z ]+-----.*?(-----END [A-Z ]+-----|$)", re.DOTALL)
+_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})))
+
+
+class SecretRegistry:
+    """Secret values seen at run time (client secrets, tokens), scrubbed verbatim."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: frozenset[str] = frozenset()
+
+    def add(self, *values: str) -> None:
+        # Very short strings would redact ordinary words; real secrets are long.
+        new = {v for v in values if v and len(v) >= 8}
+        if new - self._values:
+            with self._lock:
+                self._values = self._values | new
+
+    def scrub(self, text: str) -> str:
+        text = _PEM.sub(REDACTED, text)
+        text = _JWT.sub(REDACTED, text)
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return text
+
+
+def _scrub_value(value: object, registry: SecretRegistry) -> object:
+    if isinstance(value, str):
+        return registry.scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrub_value(v, registry) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub_value(v, registry) for v in value]
+    return value
+
+
+class RedactingFilter(logging.Filter):
+    def __init__(self, registry: SecretRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.registry.scrub(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            # Format the traceback now, scrubbed, and drop the live exception.
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = self.registry.scrub(text)
+            record.exc_info = None
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD_ATTRS:
+                setattr(record, key, _scrub_value(value, self.registry))
+        return True
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {
+        k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and v is not None
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(_extras(record))
+        if record.exc_text:
+            entry["traceback"] = record.exc_text
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        fields = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        line = f"{when} {record.levelname:<7} {record.getMessage()}"
+        line = f"{line} {fields}" if fields else line
+        return f"{line}\n{record.exc_text}" if record.exc_text else line
+
+
+def setup_logging(
+    fmt: str, level: str, registry: SecretRegistry, stream: TextIO | None = None
+) -> None:
+    """Configure the `refresher` logger tree (and only it) once, from the composition root."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RedactingFilter(registry))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("refresher").setLevel(level.upper())
+    # urllib3 at debug would print request lines; keep third parties at warning.
+    logging.captureWarnings(True)

@@ -1,0 +1,88 @@
+"""`--on-refresh CMD`: tell the application a new token is published.
+
+Run without a shell (the command was split like a shell would), with a timeout,
+in a background thread so a slow or hanging command never delays refreshing.
+At most one run at a time: a publish during a run is coalesced into one more run.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+from collections.abc import Mapping
+
+from refresher.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Notifier:
+    def __init__(
+        self,
+        command: tuple[str, ...],
+        *,
+        timeout_s: float,
+        base_env: Mapping[str, str],
+        metrics: Metrics,
+    ) -> None:
+        self.command = command
+        self.timeout_s = timeout_s
+        self.base_env = dict(base_env)
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._pending: dict[str, str] | None = None
+        self._thread: threading.Thread | None = None
+
+    def notify(self, token_dir: str, expires_at: str) -> None:
+        env = {"REFRESHER_TOKEN_DIR": token_dir, "REFRESHER_EXPIRES_AT": expires_at}
+        with self._lock:
+            self._pending = env
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._drain, name="on-refresh", daemon=True)
+                self._thread.start()
+
+    def join(self, timeout_s: float) -> None:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                env, self._pending = self._pending, None
+                if env is None:
+                    return
+            self._run(env)
+
+    def _run(self, extra_env: dict[str, str]) -> None:
+        env = {**self.base_env, **extra_env}
+        program = self.command[0]
+        try:
+            completed = subprocess.run(
+                self.command,
+                env=env,
+                timeout=self.timeout_s,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            self.metrics.on_refresh.labels(result="timeout").inc()
+            log.warning("--on-refresh %s timed out after %gs (killed)", program, self.timeout_s)
+            return
+        except OSError as exc:
+            self.metrics.on_refresh.labels(result="error").inc()
+            log.warning("--on-refresh %s could not start: %s", program, exc.strerror)
+            return
+        if completed.returncode == 0:
+            self.metrics.on_refresh.labels(result="success").inc()
+            log.info("--on-refresh %s succeeded", program)
+        else:
+            self.metrics.on_refresh.labels(result="error").inc()
+            tail = completed.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            log.warning(
+                "--on-refresh %s exited %d", program, completed.returncode,
+                extra={"stderr_tail": tail[0][:200]},
+            )

@@ -1,0 +1,105 @@
+"""The pure schedule: when to refresh, adoption, backoff (hypothesis property tests)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refresher.schedule import (
+    RefreshPolicy,
+    adoptable,
+    backoff_s,
+    delay_until,
+    earliest_refresh_at,
+    refresh_at,
+)
+from refresher.token import AccessToken
+
+T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def token(lifetime_s: float, issued: datetime = T0) -> AccessToken:
+    return AccessToken(
+        value="v" * 20,
+        issued_at=issued,
+        expires_at=issued + timedelta(seconds=lifetime_s),
+        flow="jwt",
+        client_id="c",
+        ims_endpoint="https://ims",
+    )
+
+
+def test_refresh_at_default_ratio_without_jitter_draw() -> None:
+    """With u=0 the refresh lands at exactly 80% of a 24 h lifetime."""
+    tok = token(86400)
+    assert refresh_at(tok, RefreshPolicy(0.8, 0.1), 0.0) == T0 + timedelta(seconds=0.8 * 86400)
+
+
+def test_refresh_at_full_jitter_draw_is_ten_percent_earlier() -> None:
+    """With u=1 the refresh lands at 70% of the lifetime (ratio minus jitter)."""
+    tok = token(1000)
+    assert refresh_at(tok, RefreshPolicy(0.8, 0.1), 1.0) == T0 + timedelta(seconds=700)
+
+
+@given(
+    lifetime=st.floats(min_value=0.001, max_value=10 * 86400),
+    ratio=st.floats(min_value=0.01, max_value=0.99),
+    jitter=st.floats(min_value=0.0, max_value=0.99),
+    u=st.floats(min_value=-1.0, max_value=2.0),
+)
+def test_refresh_never_before_issue_nor_after_expiry(
+    lifetime: float, ratio: float, jitter: float, u: float
+) -> None:
+    """Whatever the policy and draw, the refresh instant lies within the token's lifetime."""
+    tok = token(lifetime)
+    when = refresh_at(tok, RefreshPolicy(ratio, jitter), u)
+    assert tok.issued_at <= when <= tok.expires_at
+
+
+@given(
+    instant_offset=st.floats(min_value=-1e6, max_value=1e6),
+)
+def test_delay_is_never_negative(instant_offset: float) -> None:
+    """A due time in the past gives a zero delay, never a negative one (no hot loop)."""
+    assert delay_until(T0 + timedelta(seconds=instant_offset), T0) >= 0
+
+
+def test_adoptable_until_the_earliest_jittered_refresh() -> None:
+    """A published token is adopted while no replica would refresh it yet, not after."""
+    tok = token(1000)
+    policy = RefreshPolicy(0.8, 0.1)
+    assert earliest_refresh_at(tok, policy) == T0 + timedelta(seconds=700)
+    assert adoptable(tok, policy, T0 + timedelta(seconds=699))
+    assert not adoptable(tok, policy, T0 + timedelta(seconds=700))
+
+
+def test_token_from_the_far_future_is_not_adopted() -> None:
+    """A token 'issued' an hour from now (clock skew, forgery) is not trusted for adoption."""
+    tok = token(86400, issued=T0 + timedelta(hours=1))
+    assert not adoptable(tok, RefreshPolicy(), T0)
+
+
+@given(
+    attempt=st.integers(min_value=1, max_value=10_000),
+    initial=st.floats(min_value=0.001, max_value=100),
+    cap=st.floats(min_value=0.001, max_value=3600),
+    u=st.floats(min_value=0, max_value=1),
+)
+def test_backoff_is_bounded_by_the_cap(attempt: int, initial: float, cap: float, u: float) -> None:
+    """Full-jitter backoff stays in (0, cap] for any attempt number, even huge ones."""
+    delay = backoff_s(attempt, initial, cap, u)
+    assert 0 < delay <= cap + 1e-9
+
+
+def test_backoff_window_doubles() -> None:
+    """The backoff window doubles per attempt until the cap."""
+    assert [backoff_s(n, 1.0, 60.0, 1.0) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+
+
+def test_policy_rejects_nonsense() -> None:
+    """A ratio outside (0, 1) is refused rather than scheduling past expiry."""
+    with pytest.raises(ValueError, match="refresh_ratio"):
+        RefreshPolicy(1.5, 0.1)
