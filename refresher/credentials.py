@@ -14,7 +14,8 @@ the content rather than from file names:
 - Flat JSON with the snake_case names below (OAuth S2S, or JWT when it carries
   ``private_key``).
 - A directory of one file per field, named like the flat JSON keys
-  (recognised by a ``client_id`` file; other files are ignored).
+  (recognised by any such file but ``private_key_passphrase``; other files
+  are ignored).
 - A directory holding exactly one ``*.json`` file, read as that file; a sibling
   ``private_key_passphrase`` file supplies the passphrase if the JSON has none.
 
@@ -243,6 +244,12 @@ _AEM_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
 
 _BARE_AEM_MARKERS: Final = ("technicalAccount", "privateKey", "publicKey", "imsEndpoint")
 
+# Any of these files makes a directory the per-field shape. The passphrase alone
+# does not: it may sit beside a *.json credentials file.
+_FIELD_FILES: Final = frozenset(alias for aliases in _FLAT_FIELDS.values() for alias in aliases) - {
+    "private_key_passphrase"
+}
+
 
 def _read_directory(path: Path) -> _Raw:
     source = str(path)
@@ -251,7 +258,7 @@ def _read_directory(path: Path) -> _Raw:
     # Top-level links that exist while the snapshot lacks their target mean
     # kubelet is between swapping ..data and relinking the keys.
     top = _list_names(path, source) if base != path else names
-    if "client_id" in names or "client_id" in top:
+    if (names | top) & _FIELD_FILES:
         values: dict[str, object] = {}
         names_for_msg: dict[str, str] = {}
         for canonical, aliases in _FLAT_FIELDS.items():

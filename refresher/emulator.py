@@ -428,6 +428,8 @@ class _ImsError(Exception):
 
 
 def _fault_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(kinds, str):  # a bare "503" would otherwise read as "5", "0", "3"
+        raise TypeError("expected a list of fault kinds")
     checked = tuple(str(kind).strip() for kind in kinds)
     unknown = [kind for kind in checked if kind not in FAULT_KINDS]
     if unknown:
@@ -719,7 +721,7 @@ def _verify_assertion(assertion: str, client: _Client, base: str, now: float) ->
         raise _ImsError(400, "invalid_token", "iss does not match the client's organization")
     if claims.get("sub") != client.technical_account_id:
         raise _ImsError(400, "invalid_token", "sub does not match the technical account")
-    if False:
+    if claims.get("aud") != f"{base}/c/{client.client_id}":
         raise _ImsError(400, "invalid_token", "aud is not {ims base}/c/{client_id}")
     exp = claims.get("exp")
     # IMS parses exp as a long: 1.7e9 or 1700000000.0 is malformed, not rounded.
@@ -784,7 +786,6 @@ def _is_loopback(address: str) -> bool:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like IMS: a client's pooled connection matters
     server_version = "IMS-emulator"
-    sys_version = ""
     timeout = 30  # an idle keep-alive connection gives its thread back after this
     server: _Server
 
@@ -814,6 +815,11 @@ class _Handler(BaseHTTPRequestHandler):
         # http.server's own errors (malformed request line, oversized headers)
         # get IMS's JSON shape and a debug id like everything else.
         self.close_connection = True
+        self._log_client = "-"
+        # A garbled request line leaves http.server assuming HTTP/0.9, which has no
+        # headers at all; answer as HTTP/1.0 so even this reply carries its debug id.
+        if getattr(self, "request_version", "") in ("HTTP/0.9", ""):
+            self.request_version = "HTTP/1.0"
         description = message or HTTPStatus(code).phrase
         self._send_json(code, {"error": "bad_request", "error_description": description})
 

@@ -335,7 +335,12 @@ class FakeApiServer:
         server.fake = self
         self.port = server.server_address[1]
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            # A short poll keeps shutdown() (each test's teardown, down()) fast.
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.02},
+            daemon=True,
+        )
         self._thread.start()
 
     def _stop(self) -> None:
@@ -457,6 +462,11 @@ class FakeApiServer:
             obj.setdefault("type", "Opaque")
             self._secrets[key] = obj
             return copy.deepcopy(obj)
+
+    def remove_secret(self, namespace: str, name: str) -> None:
+        """Delete server-side (as another actor would)."""
+        with self._lock:
+            self._secrets.pop((namespace, name), None)
 
     def bump(
         self, namespace: str, name: str, mutate: Callable[[JsonObj], None] | None = None

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -208,7 +209,7 @@ def test_oauth_issues_token_with_expires_in_in_seconds(ims: Emulator, secret_ind
 
 @pytest.mark.parametrize(
     ("ttl_s", "jwt_ms", "oauth_s"),
-    [(2.5, 2500, 2), (0.4, 400, 1)],
+    [(2.7, 2700, 2), (0.4, 400, 1)],
 )
 def test_token_ttl_sets_lifetime_and_oauth_rounds_down_but_never_to_zero(
     shared: Emulator, ttl_s: float, jwt_ms: int, oauth_s: int
@@ -325,13 +326,17 @@ def test_oauth_rejects_like_ims(
     assert_ims_error(post_oauth(ims, **spoil), status, error)
 
 
-def test_oauth_refuses_a_jwt_only_client(ims: Emulator) -> None:
-    """An AEM (JWT) integration cannot use client_credentials: 400 unauthorized_client."""
-    aem = aem_of(ims)
+def test_each_flow_refuses_a_client_not_enabled_for_it(ims: Emulator) -> None:
+    """An AEM client cannot do client_credentials, nor an OAuth client the JWT exchange."""
+    aem, oauth = aem_of(ims), oauth_of(ims)
     response = post_oauth(
         ims,
         client_id=aem["technicalAccount"]["clientId"],
         secret=aem["technicalAccount"]["clientSecret"],
+    )
+    assert_ims_error(response, 400, "unauthorized_client")
+    response = post_jwt(
+        ims.base_url, aem, client_id=oauth["client_id"], secret=oauth["client_secrets"][0]
     )
     assert_ims_error(response, 400, "unauthorized_client")
 
@@ -361,6 +366,20 @@ def test_only_form_posts_reach_the_token_endpoints(ims: Emulator) -> None:
     )
     assert_ims_error(as_json, 400, "bad_request")
     assert_ims_error(requests.get(ims.base_url + "/ims/nothing", timeout=TIMEOUT), 404, "not_found")
+
+
+def test_garbled_requests_still_get_an_ims_error_with_a_debug_id(ims: Emulator) -> None:
+    """http.server's own rejections (bad request line, unknown method) are IMS-shaped too."""
+    for request_line in (b"GARBAGE", b"BREW /ims/token/v3 HTTP/1.1"):
+        with socket.create_connection(("127.0.0.1", ims.port), timeout=TIMEOUT) as raw:
+            raw.sendall(request_line + b"\r\nHost: x\r\n\r\n")
+            reply = b""
+            while chunk := raw.recv(4096):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] in (b"400", b"501")
+        assert b"\r\nx-debug-id: " in head
+        assert json.loads(body)["error"] == "bad_request"
 
 
 # ---------------------------------------------------------------- faults
@@ -419,11 +438,11 @@ def test_drop_fault_closes_the_connection_without_an_answer(ims: Emulator) -> No
 
 def test_delay_fault_outlasts_a_short_read_timeout(ims: Emulator) -> None:
     """delay holds the answer longer than the client's read timeout."""
-    ims.set_faults(queue=["delay"], delay_seconds=0.5)
+    ims.set_faults(queue=["delay"], delay_seconds=1.0)
     started = time.monotonic()
     with pytest.raises(requests.ReadTimeout):
         post_oauth(ims, timeout=0.1)
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 0.9
     assert post_oauth(ims).status_code == 200
 
 
@@ -551,6 +570,26 @@ def test_control_api_registers_a_client_and_revokes_one_secret(
     assert requests.post(control, json=revoke, timeout=TIMEOUT).status_code == 200
     assert_ims_error(post_jwt(ims.base_url, aem, secret=old), 401, "invalid_client")
     assert post_jwt(ims.base_url, aem, secret=new).status_code == 200
+
+
+def test_control_api_answers_loopback_peers_only() -> None:
+    """The control API's peer check admits 127.0.0.0/8 and ::1 (also v4-mapped), nothing else."""
+    from refresher.emulator import _is_loopback  # the check itself: no second interface here
+
+    assert all(map(_is_loopback, ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"]))
+    assert not any(map(_is_loopback, ["10.0.0.1", "192.168.1.2", "::ffff:10.0.0.1", "fe80::1"]))
+
+
+def test_stopped_emulator_stops_answering_even_on_kept_alive_connections(tmp_path: Path) -> None:
+    """stop() closes pooled keep-alive connections too, so an outage is an outage."""
+    emulator = Emulator.start(tmp_path)
+    with requests.Session() as session:
+        url = emulator.base_url + "/__emulator/stats"
+        assert session.get(url, timeout=TIMEOUT).ok
+        emulator.stop()
+        with pytest.raises(requests.ConnectionError):
+            session.get(url, timeout=TIMEOUT)
+    emulator.stop()  # idempotent
 
 
 # ---------------------------------------------------------------- credentials files

@@ -68,7 +68,7 @@ EXAMPLE_DIRS = pytest.mark.parametrize("directory", _example_dirs(), ids=_id)
 
 def _missing_local_resources(directory: Path) -> list[str]:
     """Local paths a kustomization refers to that are not written yet."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text(encoding="utf-8"))
     entries = [*kustomization.get("resources", []), *kustomization.get("components", [])]
     return [entry for entry in entries if "://" not in entry and not (directory / entry).exists()]
 
@@ -167,7 +167,7 @@ def refresher_pods(objects: list[Obj]) -> list[tuple[str, Obj]]:
 
 
 def project_version() -> str:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
 
 
 # --- rendering and schema -------------------------------------------------------
@@ -199,7 +199,7 @@ def test_objects_match_kubernetes_schema(directory: Path, tmp_path: Path) -> Non
     if not objects:
         pytest.skip(f"{_id(directory)} holds only custom resources")
     rendered = tmp_path / "rendered.yaml"
-    rendered.write_text(yaml.safe_dump_all(objects, sort_keys=False))
+    rendered.write_text(yaml.safe_dump_all(objects, sort_keys=False), encoding="utf-8")
     result = subprocess.run(
         [
             str(KUBERNETES_VALIDATE),
@@ -325,7 +325,7 @@ def test_refresher_image_is_the_released_one(directory: Path) -> None:
         if is_refresher(container)
     }
     assert images == {expected}
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text(encoding="utf-8"))
     assert REFRESHER_IMAGE in {entry["name"] for entry in kustomization.get("images", [])}
 
 
@@ -537,7 +537,7 @@ def test_dockerfile_passes_hadolint(tmp_path: Path) -> None:
     # A config with no ignores overrides any user-level or repository one, so
     # the only way to silence a rule is an inline pragma in the Dockerfile.
     config = tmp_path / "hadolint.yaml"
-    config.write_text("ignored: []\n")
+    config.write_text("ignored: []\n", encoding="utf-8")
     result = subprocess.run(
         [
             str(HADOLINT),
@@ -558,7 +558,7 @@ def test_dockerfile_passes_hadolint(tmp_path: Path) -> None:
 
 def test_dockerfile_ignores_carry_a_reason() -> None:
     """Each inline `hadolint ignore` pragma is preceded by a comment that says why."""
-    lines = DOCKERFILE.read_text().splitlines()
+    lines = DOCKERFILE.read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines):
         if re.match(r"\s*#\s*hadolint\s+ignore=", line):
             previous = lines[number - 1].strip() if number else ""
@@ -572,7 +572,7 @@ def test_dockerfile_ignores_carry_a_reason() -> None:
 
 def test_deploying_doc_names_exist_in_manifests() -> None:
     """Each example, Secret, container and object named in docs/deploying.md exists."""
-    text = DEPLOYING_DOC.read_text()
+    text = DEPLOYING_DOC.read_text(encoding="utf-8")
     examples = set(re.findall(r"manifests/examples/([\w-]+)", text))
     assert examples, "the guide names no example"
     for example in examples:

@@ -114,7 +114,7 @@ class SecretSink:
         namespace: str | None,
         *,
         clock: Clock,
-        kubeconfig: Path | None = None,
+        kubeconfig: Path | str | None = None,
         service_account_dir: Path = DEFAULT_SERVICE_ACCOUNT_DIR,
         in_cluster: bool | None = None,
         timeout_s: tuple[float, float] = DEFAULT_TIMEOUT_S,
@@ -292,7 +292,9 @@ class _Kube:
     transport_errors: tuple[type[Exception], ...]
 
 
-def _load_client(in_cluster: bool, kubeconfig: Path | None, service_account_dir: Path) -> _Kube:
+def _load_client(
+    in_cluster: bool, kubeconfig: Path | str | None, service_account_dir: Path
+) -> _Kube:
     """Import the client (lazily: refresher must not pay for it unless --secret is set)."""
     try:
         configuration_module = importlib.import_module("kubernetes.client.configuration")

@@ -1,0 +1,264 @@
+"""The refresh loop with a fake clock: a day of refreshes in milliseconds, failures that
+keep the last good token, slow retry on rejection, credentials changes, sink retries.
+
+The IMS side here is `ScriptedIms`, a stand-in for `ImsClient.exchange`: the loop's
+decisions are what is under test, and a real emulator cannot follow a fake clock (its
+tokens carry real `created_at` times). The real exchange is covered end to end in
+test_cli_e2e.py and test_ims_client.py.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from refresher.config import build_settings
+from refresher.credentials import load_credentials
+from refresher.errors import ExchangeError, PublishError
+from refresher.health import HealthState
+from refresher.logs import SecretRegistry
+from refresher.metrics import Metrics
+from refresher.service import Service
+from refresher.sinks.file import FileSink
+from refresher.token import AccessToken
+from tests.fakes import FakeClock, FakeSleeper
+
+
+class ScriptedIms:
+    """Answers exchanges from a script: a lifetime (success) or an exception to raise."""
+
+    def __init__(self, clock: FakeClock, lifetime_s: float) -> None:
+        self.clock = clock
+        self.lifetime_s = lifetime_s
+        self.script: list[ExchangeError] = []
+        self.calls: list[datetime] = []
+        self.fail_always: ExchangeError | None = None
+
+    def base_url(self, credentials: object) -> str:
+        return "https://ims.example"
+
+    def exchange(self, credentials: object, now: Callable[[], datetime]) -> AccessToken:
+        sent = now()
+        self.calls.append(sent)
+        if self.fail_always is not None:
+            raise self.fail_always
+        if self.script:
+            raise self.script.pop(0)
+        return AccessToken(
+            value=f"token-{len(self.calls):04d}-{'x' * 16}",
+            issued_at=sent,
+            expires_at=sent + timedelta(seconds=self.lifetime_s),
+            flow="oauth",
+            client_id="client-1",
+            ims_endpoint="https://ims.example",
+        )
+
+
+class FailingSink:
+    """A sink whose publish fails the first `failures` times (disk full, API down)."""
+
+    name = "secret"
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.published: list[AccessToken] = []
+
+    def read_current(self) -> AccessToken | None:
+        return self.published[-1] if self.published else None
+
+    def publish(self, token: AccessToken) -> AccessToken:
+        if self.failures > 0:
+            self.failures -= 1
+            raise PublishError("simulated outage", sink=self.name)
+        self.published.append(token)
+        return token
+
+
+@pytest.fixture
+def oauth_file(tmp_path: Path) -> Path:
+    path = tmp_path / "oauth.json"
+    path.write_text('{"client_id": "client-1", "client_secret": "s3cr3t-value-1", "scopes": ["openid"]}')
+    return path
+
+
+def make_service(
+    tmp_path: Path,
+    credentials: Path,
+    clock: FakeClock,
+    ims: ScriptedIms,
+    extra_sinks: list[object] | None = None,
+    **flags: str,
+) -> tuple[Service, FileSink, Metrics, HealthState, FakeSleeper]:
+    raw: dict[str, str | None] = {
+        "credentials": str(credentials),
+        "token_dir": str(tmp_path / "tokens"),
+        "watch_interval": "3600",
+        **flags,
+    }
+    settings = build_settings(raw, needs_output=True)
+    sleeper = FakeSleeper(clock)
+    metrics = Metrics(CollectorRegistry())
+    health = HealthState(clock, stall_after_s=7200)
+    sink = FileSink(tmp_path / "tokens", clock=clock)
+    service = Service(
+        settings,
+        clock=clock,
+        sleeper=sleeper,
+        client=ims,  # type: ignore[arg-type]
+        sinks=[sink, *(extra_sinks or [])],  # type: ignore[list-item]
+        metrics=metrics,
+        health=health,
+        secrets=SecretRegistry(),
+        rng=random.Random(7),
+        load=load_credentials,
+    )
+    return service, sink, metrics, health, sleeper
+
+
+def stop_after(service: Service, clock: FakeClock, sleeper: FakeSleeper, seconds: float) -> None:
+    end = clock.now() + timedelta(seconds=seconds)
+
+    def check() -> None:
+        if clock.now() >= end:
+            service.stop()
+
+    sleeper.on_sleep.append(check)
+
+
+def test_a_day_of_hourly_tokens_refreshes_on_schedule(tmp_path: Path, oauth_file: Path) -> None:
+    """24 h of 1 h tokens: each refresh lands at 70-80 % of the lifetime, never late."""
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 3600)
+    service, sink, metrics, _, sleeper = make_service(tmp_path, oauth_file, clock, ims)
+    stop_after(service, clock, sleeper, 86400)
+    assert service.run() == 0
+    gaps = [(b - a).total_seconds() for a, b in zip(ims.calls, ims.calls[1:], strict=False)]
+    assert 30 <= len(ims.calls) <= 35
+    assert all(0.7 * 3600 <= gap <= 0.8 * 3600 + 1 for gap in gaps)
+    assert len(set(gaps)) > 1  # jittered, not lock-step
+    assert sink.read_current() is not None
+    assert metrics.registry.get_sample_value("refresher_refresh_total", {"result": "success"}) == len(
+        ims.calls
+    )
+
+
+def test_failures_keep_the_last_good_token_until_it_expires(
+    tmp_path: Path, oauth_file: Path
+) -> None:
+    """When IMS fails after the first token, the file keeps it; ready until expiry, then not."""
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 600)
+    service, sink, metrics, health, sleeper = make_service(tmp_path, oauth_file, clock, ims)
+    first_expiry: list[datetime] = []
+    observed: list[tuple[bool, str | None]] = []
+
+    def after_first() -> None:
+        token = sink.read_current()
+        if token is not None and not first_expiry:
+            first_expiry.append(token.expires_at)
+            ims.fail_always = ExchangeError("IMS down", retryable=True, status=503)
+        if first_expiry:
+            current = sink.read_current()
+            observed.append((health.readiness().ok, current.value if current else None))
+
+    sleeper.on_sleep.append(after_first)
+    stop_after(service, clock, sleeper, 1200)
+    service.run()
+    assert first_expiry
+    values = {value for _, value in observed}
+    assert values == {"token-0001-xxxxxxxxxxxxxxxx"}  # never replaced, never removed
+    assert observed[0][0] is True
+    assert observed[-1][0] is False  # expired: not ready
+    assert metrics.registry.get_sample_value(
+        "refresher_refresh_total", {"result": "retryable_error"}
+    ) >= 5
+    assert max(sleeper.sleeps[1:]) <= 60  # after the wait until due: backoff capped at 60 s
+
+
+def test_rejection_is_retried_slowly(tmp_path: Path, oauth_file: Path) -> None:
+    """After invalid_client the loop pauses --permanent-retry-interval before trying again."""
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 600)
+    ims.fail_always = ExchangeError("invalid_client", retryable=False, status=401, error="invalid_client")
+    service, _, metrics, _, sleeper = make_service(
+        tmp_path, oauth_file, clock, ims, permanent_retry_interval="300"
+    )
+    stop_after(service, clock, sleeper, 1000)
+    service.run()
+    gaps = [(b - a).total_seconds() for a, b in zip(ims.calls, ims.calls[1:], strict=False)]
+    assert len(ims.calls) == 4
+    assert all(gap >= 300 for gap in gaps)
+    assert metrics.registry.get_sample_value(
+        "refresher_refresh_total", {"result": "permanent_error"}
+    ) == 4
+
+
+def test_credentials_change_triggers_an_immediate_refresh(tmp_path: Path, oauth_file: Path) -> None:
+    """A changed credentials file ends the sleep and mints a token at once."""
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 86400)
+    service, _, metrics, _, sleeper = make_service(
+        tmp_path, oauth_file, clock, ims, watch_interval="2"
+    )
+    changed: list[datetime] = []
+
+    def rotate() -> None:
+        if len(ims.calls) == 1 and not changed and clock.now() > ims.calls[0] + timedelta(hours=1):
+            oauth_file.write_text(
+                '{"client_id": "client-1", "client_secret": "rotated-secret-2", "scopes": ["openid"]}'
+            )
+            changed.append(clock.now())
+
+    sleeper.on_sleep.append(rotate)
+    stop_after(service, clock, sleeper, 7200)
+    service.run()
+    assert len(ims.calls) == 2
+    assert (ims.calls[1] - changed[0]).total_seconds() <= 2.0
+    assert metrics.registry.get_sample_value("refresher_credentials_reload_total") == 1
+
+
+def test_failed_sink_is_retried_without_minting_again(tmp_path: Path, oauth_file: Path) -> None:
+    """A sink that fails twice gets the same token later; the file sink is not held up."""
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 3600)
+    flaky = FailingSink(failures=2)
+    service, sink, metrics, _, sleeper = make_service(
+        tmp_path, oauth_file, clock, ims, extra_sinks=[flaky]
+    )
+    stop_after(service, clock, sleeper, 600)
+    service.run()
+    assert len(ims.calls) == 1
+    assert flaky.published and flaky.published[0].value == sink.read_current().value  # type: ignore[union-attr]
+    sample = metrics.registry.get_sample_value
+    assert sample("refresher_sink_write_total", {"sink": "secret", "result": "error"}) == 2
+    assert sample("refresher_sink_write_total", {"sink": "file", "result": "success"}) == 1
+
+
+def test_once_adopts_a_fresh_published_token(tmp_path: Path, oauth_file: Path) -> None:
+    """`once` with a fresh token already in the directory mints nothing."""
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 3600)
+    service, sink, metrics, _, _ = make_service(tmp_path, oauth_file, clock, ims)
+    assert service.once() == 0
+    clock.advance(600)
+    again, _, metrics2, _, _ = make_service(tmp_path, oauth_file, clock, ims)
+    assert again.once() == 0
+    assert len(ims.calls) == 1
+    assert metrics2.registry.get_sample_value("refresher_adopted_total", {"source": "file"}) == 1
+
+
+def test_once_refreshes_a_published_token_that_is_due(tmp_path: Path, oauth_file: Path) -> None:
+    """A valid but due token is kept for readers yet replaced by `once`."""
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 3600)
+    service, sink, _, _, _ = make_service(tmp_path, oauth_file, clock, ims)
+    assert service.once() == 0
+    clock.advance(3000)
+    again, _, _, _, _ = make_service(tmp_path, oauth_file, clock, ims)
+    assert again.once() == 0
+    assert len(ims.calls) == 2
