@@ -12,7 +12,9 @@ from refresher.credentials import Credentials
 from refresher.errors import CredentialsError
 
 
-def build_claims(credentials: Credentials, base_url: str, now: datetime, ttl_s: int) -> dict[str, Any]:
+def build_claims(
+    credentials: Credentials, base_url: str, now: datetime, ttl_s: int
+) -> dict[str, Any]:
     """The claims IMS checks, exactly as Adobe's `@adobe/jwt-auth` builds them.
 
     `exp` is an integer (IMS rejects a float); one `{base}/s/{metascope}: true`

@@ -38,7 +38,9 @@ class Flag:
 
 _CREDENTIALS = [
     Flag("credentials", "credentials file, or a mounted Secret directory (required)", "PATH"),
-    Flag("flow", "auto (JWT when a private key is present, else OAuth), jwt or oauth [auto]", "FLOW"),
+    Flag(
+        "flow", "auto (JWT when a private key is present, else OAuth), jwt or oauth [auto]", "FLOW"
+    ),
     Flag(
         "ims-endpoint",
         "IMS host or URL [from the credentials, else ims-na1.adobelogin.com]",
@@ -46,7 +48,9 @@ _CREDENTIALS = [
     ),
 ]
 _EXCHANGE = [
-    Flag("allow-insecure-http", "permit a plain http:// IMS endpoint (emulator, tests)", boolean=True),
+    Flag(
+        "allow-insecure-http", "permit a plain http:// IMS endpoint (emulator, tests)", boolean=True
+    ),
     Flag("ca-bundle", "extra CA certificates (PEM) to trust for IMS", "PATH"),
     Flag("jwt-ttl", "lifetime of the signed JWT assertion, seconds [300]", "S"),
     Flag("connect-timeout", "IMS connect timeout, seconds [5]", "S"),
@@ -73,7 +77,11 @@ _SCHEDULE = [
     Flag("watch-interval", "stat the credentials for changes this often, seconds [2]", "S"),
 ]
 _ONCE = [Flag("retry-timeout", "give up retrying after this many seconds [120]", "S")]
-_SERVER = [Flag("listen", "HOST:PORT of /healthz, /readyz, /metrics; empty disables [0.0.0.0:9876]", "ADDR")]
+_SERVER = [
+    Flag(
+        "listen", "HOST:PORT of /healthz, /readyz, /metrics; empty disables [0.0.0.0:9876]", "ADDR"
+    )
+]
 _LOGGING = [
     Flag("log-format", "json or text [json]", "FORMAT"),
     Flag("log-level", "debug, info, warning or error [info]", "LEVEL"),
@@ -113,9 +121,9 @@ def _env_name(flag: str) -> str:
     return ENV_PREFIX + flag.upper().replace("-", "_")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from refresher import emulator  # noqa: PLC0415 - only its flag definitions, no client code
-
+def build_parser(*, with_emulator: bool = True) -> argparse.ArgumentParser:
+    """The whole CLI. The emulator's flags are added only when needed: importing the
+    emulator (an HTTP server, TLS, certificate generation) would slow every start."""
     parser = _Parser(
         prog="refresher",
         description="Keeps an Adobe IMS access token fresh for the application next to it.",
@@ -125,55 +133,85 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (summary, flags) in COMMANDS.items():
-        sub = commands.add_parser(name, help=summary, description=summary, epilog=EXIT_CODES,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         for flag in flags:
             help_text = f"{flag.help} (env {_env_name(flag.name)})"
             if flag.boolean:
-                sub.add_argument(f"--{flag.name}", action="store_true", default=None, help=help_text)
+                sub.add_argument(
+                    f"--{flag.name}", action="store_true", default=None, help=help_text
+                )
             else:
                 sub.add_argument(f"--{flag.name}", metavar=flag.metavar, help=help_text)
     emulator_parser = commands.add_parser(
         "emulator",
+        add_help=with_emulator,
         help="a local Adobe IMS emulator for demos and tests",
-        description="A local Adobe IMS emulator: both token endpoints, real checks, fault injection.",
+        description=(
+            "A local Adobe IMS emulator: both token endpoints, real checks, fault injection."
+        ),
     )
-    emulator.add_arguments(emulator_parser)
+    if with_emulator:
+        from refresher import emulator  # noqa: PLC0415 - its flags only; no client code inside
+
+        emulator.add_arguments(emulator_parser)
     return parser
 
 
 def _known_env(parser: argparse.ArgumentParser) -> set[str]:
     names = set(_ENV_WE_SET)
-    for action in parser._actions:  # noqa: SLF001 - argparse has no public walk
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
-                names |= {_env_name(o.lstrip("-")) for a in sub._actions for o in a.option_strings if o.startswith("--")}  # noqa: SLF001
+                names |= {
+                    _env_name(o.lstrip("-"))
+                    for a in sub._actions
+                    for o in a.option_strings
+                    if o.startswith("--")
+                }
     return names
 
 
-def _apply_env(parser: argparse.ArgumentParser, argv: Sequence[str], environ: dict[str, str]) -> None:
+def _apply_env(
+    parser: argparse.ArgumentParser, argv: Sequence[str], environ: dict[str, str]
+) -> None:
     """Flags missing from argv take their `REFRESHER_*` value (argparse defaults)."""
     unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in _known_env(parser))
+    if unknown and not parser_has_emulator(parser):
+        # Maybe an emulator flag (REFRESHER_PORT ...): ask the full parser before failing.
+        unknown = [k for k in unknown if k not in _known_env(build_parser())]
     if unknown:
         raise ConfigError(f"unknown environment variable(s) {', '.join(unknown)}: no such flag")
     command = next((a for a in argv if not a.startswith("-")), None)
-    for action in parser._actions:  # noqa: SLF001
-        if not isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
             continue
         sub = action.choices.get(command or "")
         if sub is None:
             return
-        for sub_action in sub._actions:  # noqa: SLF001
+        for sub_action in sub._actions:
             long_names = [o for o in sub_action.option_strings if o.startswith("--")]
             if not long_names or sub_action.dest == "help":
                 continue
             value = environ.get(_env_name(long_names[0].lstrip("-")))
             if value is None:
                 continue
-            if isinstance(sub_action, argparse._StoreTrueAction):  # noqa: SLF001
+            if isinstance(sub_action, argparse._StoreTrueAction):
                 sub_action.default = value.strip().lower() in ("1", "true", "yes", "on")
             else:
                 sub_action.default = sub_action.type(value) if callable(sub_action.type) else value
+
+
+def parser_has_emulator(parser: argparse.ArgumentParser) -> bool:
+    for action in parser._actions:  # noqa: SLF001
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            return bool(action.choices["emulator"]._actions[1:])  # noqa: SLF001
+    return False
 
 
 def _raw(args: argparse.Namespace, flags: list[Flag]) -> dict[str, str | None]:
@@ -192,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 def run_cli(argv: list[str], environ: dict[str, str]) -> int:
-    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(with_emulator=command == "emulator")
     try:
         _apply_env(parser, argv, environ)
     except ConfigError as exc:
@@ -215,7 +254,9 @@ def run_cli(argv: list[str], environ: dict[str, str]) -> int:
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback, no secret
         # Only the type: an unexpected exception's message could quote a secret.
-        print(f"refresher: internal error ({type(exc).__name__}); please report it", file=sys.stderr)
+        print(
+            f"refresher: internal error ({type(exc).__name__}); please report it", file=sys.stderr
+        )
         return EXIT_RUNTIME
 
 
@@ -230,9 +271,9 @@ def _dispatch(args: argparse.Namespace, environ: dict[str, str]) -> int:
 
 
 def _check(settings: object) -> int:
+    from refresher.clock import SystemClock  # noqa: PLC0415
     from refresher.config import Settings, ims_base_url  # noqa: PLC0415
     from refresher.credentials import load_credentials  # noqa: PLC0415
-    from refresher.clock import SystemClock  # noqa: PLC0415
 
     assert isinstance(settings, Settings)  # noqa: S101
     credentials = load_credentials(settings.credentials, flow=settings.flow)
@@ -240,16 +281,19 @@ def _check(settings: object) -> int:
     base = ims_base_url(settings.ims.endpoint or credentials.ims_endpoint)
     if base.startswith("http://") and not settings.ims.allow_insecure_http:
         raise ConfigError(f"IMS endpoint {base} is plain HTTP: pass --allow-insecure-http")
-    lines = [("flow", credentials.flow), ("ims", base)]
-    lines += [(k, v) for k, v in summary.items() if k not in ("flow", "ims_endpoint") and v not in (None, "", ())]
+    lines: list[tuple[str, object]] = [("flow", credentials.flow), ("ims", base)]
+    lines += [
+        (k, v)
+        for k, v in summary.items()
+        if k not in ("flow", "ims_endpoint") and v not in (None, "", (), [])
+    ]
     not_after = credentials.certificate_not_after
     if not_after is not None:
         days = (not_after - SystemClock().now()).total_seconds() / 86400
         lines.append(("certificate_days_left", f"{days:.1f}"))
     for key, value in lines:
-        if isinstance(value, list | tuple):
-            value = ", ".join(str(v) for v in value)
-        print(f"{key}: {value}")
+        text = ", ".join(map(str, value)) if isinstance(value, list | tuple) else value
+        print(f"{key}: {text}")
     if not_after is not None and (not_after - SystemClock().now()).total_seconds() <= 0:
         print("refresher: error: the credentials' certificate has expired", file=sys.stderr)
         return EXIT_USAGE
@@ -278,7 +322,9 @@ def _serve(command: str, settings: object, environ: dict[str, str]) -> int:
     metrics = Metrics(CollectorRegistry(auto_describe=True))
     ims = settings.ims
     stall_after_s = max(60.0, 3 * (ims.connect_timeout_s + ims.read_timeout_s))
-    health = HealthState(clock, stall_after_s=stall_after_s + 3 * settings.schedule.watch_interval_s)
+    health = HealthState(
+        clock, stall_after_s=stall_after_s + 3 * settings.schedule.watch_interval_s
+    )
     sinks: list[Sink] = []
     out = settings.output
     if out.secret_name:
@@ -296,7 +342,9 @@ def _serve(command: str, settings: object, environ: dict[str, str]) -> int:
     if out.token_dir is not None:
         sinks.append(FileSink(out.token_dir, clock=clock, file_mode=out.file_mode))
     notifier = (
-        Notifier(out.on_refresh, timeout_s=out.on_refresh_timeout_s, base_env=environ, metrics=metrics)
+        Notifier(
+            out.on_refresh, timeout_s=out.on_refresh_timeout_s, base_env=environ, metrics=metrics
+        )
         if out.on_refresh
         else None
     )
@@ -338,9 +386,13 @@ def _serve(command: str, settings: object, environ: dict[str, str]) -> int:
         try:
             server = ProbeServer(*settings.listen, health, metrics)
         except OSError as exc:
-            raise ConfigError(f"--listen {settings.listen[0]}:{settings.listen[1]}: {exc.strerror}") from None
+            raise ConfigError(
+                f"--listen {settings.listen[0]}:{settings.listen[1]}: {exc.strerror}"
+            ) from None
         server.start()
-        log.info("serving probes and metrics", extra={"listen": f"{settings.listen[0]}:{server.port}"})
+        log.info(
+            "serving probes and metrics", extra={"listen": f"{settings.listen[0]}:{server.port}"}
+        )
     return _run_loop(service, server)
 
 

@@ -25,7 +25,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class ImsSettings:
     endpoint: str | None
-    """`--ims-endpoint` as given (host or URL); None: take it from the credentials or the default."""
+    """`--ims-endpoint` as given (host or URL); None: from the credentials, else the default."""
     allow_insecure_http: bool
     """Plain http:// is refused unless this is set (the emulator, local tests)."""
     ca_bundle: Path | None
@@ -202,7 +202,7 @@ def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Sett
         endpoint=endpoint,
         allow_insecure_http=allow_http,
         ca_bundle=ca_bundle,
-        jwt_ttl_s=int(c.get("jwt_ttl", _positive(int), 300)),
+        jwt_ttl_s=int(c.get("jwt_ttl", _positive(float), 300.0)),
         connect_timeout_s=c.get("connect_timeout", _positive(float), 5.0),
         read_timeout_s=c.get("read_timeout", _positive(float), 15.0),
     )

@@ -114,7 +114,7 @@ class _Client:
     """A registered integration. JWT needs a certificate; OAuth needs scopes."""
 
     client_id: str
-    secrets: tuple[str, ...] = field(repr=False)
+    client_secrets: tuple[str, ...] = field(repr=False)
     certificate: x509.Certificate | None = field(default=None, repr=False)
     org: str = ""
     technical_account_id: str = ""
@@ -123,7 +123,7 @@ class _Client:
 
     def secret_matches(self, candidate: str) -> bool:
         # Compare every secret in constant time; two may be valid during a rotation.
-        return any(hmac.compare_digest(candidate.encode(), s.encode()) for s in self.secrets)
+        return any(hmac.compare_digest(candidate.encode(), s.encode()) for s in self.client_secrets)
 
 
 def _names(value: Sequence[str] | str | None) -> frozenset[str]:
@@ -290,7 +290,7 @@ def _clients_from_files(paths: Iterable[Path]) -> list[_Client]:
             clients.append(
                 _Client(
                     client_id=str(account["clientId"]),
-                    secrets=(str(account["clientSecret"]),),
+                    client_secrets=(str(account["clientSecret"]),),
                     certificate=_load_certificate(str(integration["publicKey"])),
                     org=str(integration["org"]),
                     technical_account_id=str(integration["id"]),
@@ -302,7 +302,7 @@ def _clients_from_files(paths: Iterable[Path]) -> list[_Client]:
             clients.append(
                 _Client(
                     client_id=str(document["client_id"]),
-                    secrets=tuple(str(s) for s in raw_secrets),
+                    client_secrets=tuple(str(s) for s in raw_secrets),
                     org=str(document.get("org_id", "")),
                     technical_account_id=str(document.get("technical_account_id", "")),
                     scopes=_names(document.get("scopes") or document.get("scope", "")),
@@ -494,10 +494,12 @@ class _State:
             if current is None:
                 if client_secrets is None:
                     raise ValueError("a new client needs client_secrets")
-                current = _Client(client_id=client_id, secrets=())
+                current = _Client(client_id=client_id, client_secrets=())
             updated = replace(
                 current,
-                secrets=current.secrets if client_secrets is None else tuple(client_secrets),
+                client_secrets=(
+                    current.client_secrets if client_secrets is None else tuple(client_secrets)
+                ),
                 certificate=current.certificate if certificate is None else certificate,
                 org=current.org if org is None else str(org),
                 technical_account_id=(
@@ -1057,20 +1059,30 @@ class _Handler(BaseHTTPRequestHandler):
         if route == "reset":
             state.reset_stats()
             return {"reset": True}
-        fields = dict(document)
-        client_id = fields.pop("client_id")
+        known = {
+            "client_id",
+            "client_secrets",
+            "certificate_pem",
+            "org",
+            "technical_account_id",
+            "metascopes",
+            "scopes",
+        }
+        # Refuse a typo before changing anything: half an update is worse than none.
+        if set(document) - known:
+            raise ValueError(f"unknown field(s) {sorted(set(document) - known)}")
+        if "client_id" not in document:
+            raise ValueError("client_id is required")
         state.register_client(
-            client_id,
-            fields.pop("client_secrets", None),
-            certificate_pem=fields.pop("certificate_pem", None),
-            org=fields.pop("org", None),
-            technical_account_id=fields.pop("technical_account_id", None),
-            metascopes=fields.pop("metascopes", None),
-            scopes=fields.pop("scopes", None),
+            document["client_id"],
+            document.get("client_secrets"),
+            certificate_pem=document.get("certificate_pem"),
+            org=document.get("org"),
+            technical_account_id=document.get("technical_account_id"),
+            metascopes=document.get("metascopes"),
+            scopes=document.get("scopes"),
         )
-        if fields:
-            raise ValueError(f"unknown field(s) {sorted(fields)}")
-        return {"client_id": client_id, "registered": True}
+        return {"client_id": document["client_id"], "registered": True}
 
 
 class _Server(ThreadingHTTPServer):
@@ -1384,6 +1396,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--port-file",
         type=Path,
+        metavar="PATH",
         help="write the bound port to this file (atomically) once listening",
     )
     net.add_argument(
@@ -1394,6 +1407,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--tls-dir",
         type=Path,
+        metavar="DIR",
         help="where ca.pem (and its key, reused on restart) live (default: the credentials dir)",
     )
 
@@ -1415,6 +1429,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     creds.add_argument(
         "--cert-days",
         type=float,
+        metavar="DAYS",
         default=365.0,
         help="validity of generated certificates in days; fractional or negative for tests "
         "(default: %(default)s)",
@@ -1433,12 +1448,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         choices=FAULT_KINDS,
         default=[],
-        help="queue a fault for the next token request; repeat to queue several, in order",
+        metavar="KIND",
+        help="queue a fault for the next token request; repeat to queue several, in order "
+        f"({', '.join(FAULT_KINDS)})",
     )
     faults.add_argument(
         "--fail-rate",
         type=_rate,
         default=0.0,
+        metavar="RATE",
         help="probability (0..1) that a token request gets a random fault from --fault-mix",
     )
     faults.add_argument(
@@ -1450,7 +1468,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default: {','.join(DEFAULT_FAULT_MIX)})",
     )
     faults.add_argument(
-        "--seed", type=int, help="seed for the random faults, to replay a run exactly"
+        "--seed", type=int, metavar="N", help="seed for the random faults, to replay a run exactly"
     )
     faults.add_argument(
         "--retry-after",
@@ -1463,6 +1481,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--delay-seconds",
         type=_non_negative_float,
         default=5.0,
+        metavar="SECONDS",
         help="how long a delay fault waits before answering (default: %(default)s)",
     )
 

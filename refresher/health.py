@@ -1,7 +1,11 @@
 """The state the probes report, updated by the loop, read by the server thread.
 
 Live = the loop made progress recently (a heartbeat), never "IMS is reachable":
-an IMS outage must not become a restart storm. Ready = a valid token is published.
+an IMS outage must not become a restart storm. The loop heartbeats at each turn
+and in every sleep slice (at most `--watch-interval` apart); the one place it
+cannot is inside a blocking call (an exchange, a Secret write), so `stall_after_s`
+must exceed the longest such call, bounded by its timeouts. Ready = a valid token
+is published; refreshing failures with a valid token are a warning, not unready.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from datetime import datetime
 
 from refresher.clock import Clock
 from refresher.token import rfc3339
+
+# Error texts carry codes and descriptions, not secrets; still, a probe body stays small.
+MAX_ERROR_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,7 @@ class HealthState:
 
     def failed(self, reason: str) -> int:
         with self._lock:
-            self._last_error = reason
+            self._last_error = reason[:MAX_ERROR_CHARS]
             self._failures += 1
             return self._failures
 
@@ -68,6 +75,7 @@ class HealthState:
             {
                 "status": "ok" if ok else ("stopping" if self._stopped else "stalled"),
                 "last_heartbeat_age_s": round(age, 3),
+                "stall_after_s": self.stall_after_s,
             },
         )
 
@@ -89,4 +97,5 @@ class HealthState:
             body["ready"] = True
         if error:
             body["warning"] = f"refresh failing ({failures} in a row): {error}"
+            body["consecutive_failures"] = failures
         return Probe(bool(body["ready"]), body)

@@ -40,7 +40,7 @@ USER_AGENT = "ims-token-refresher"
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """`Retry-After` as seconds from `now`: delta-seconds or an HTTP date; None if absent/garbled."""
+    """`Retry-After` as seconds from `now` (delta-seconds or HTTP date); None if absent/garbled."""
     if value is None or not value.strip():
         return None
     text = value.strip()
@@ -68,11 +68,8 @@ def can_retry(status: int | None, error: str | None) -> bool:
     """
     if status is None:
         return True  # no HTTP answer at all: connection refused, reset, timeout
-    if status in (408, 429) or status >= 500:
-        return True
-    if status == 200:
-        return True  # 200 with an unusable body: a proxy or IMS glitch, not the credentials
-    return False
+    # A 200 with an unusable body is a proxy or IMS glitch, not a verdict on the credentials.
+    return status in (200, 408, 429) or status >= 500
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -77,9 +77,7 @@ class RedactingFilter(logging.Filter):
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {
-        k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and v is not None
-    }
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and v is not None}
 
 
 class JsonFormatter(logging.Formatter):

@@ -7,6 +7,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from refresher import __version__
 
 REFRESH_RESULTS = ("success", "retryable_error", "permanent_error")
+SINKS = ("file", "secret")
+SINK_RESULTS = ("success", "error")
+ON_REFRESH_RESULTS = ("success", "error", "timeout")
 
 
 class Metrics:
@@ -48,7 +51,7 @@ class Metrics:
         )
         self.token_valid = Gauge(
             "refresher_token_valid",
-            "1 while the published token is valid, else 0.",
+            "1 while the published token is valid, else 0 (computed at scrape time).",
             registry=registry,
         )
         self.consecutive_failures = Gauge(
@@ -77,8 +80,13 @@ class Metrics:
             "refresher_build_info", "Build information.", ["version"], registry=registry
         )
         self.build_info.labels(version=__version__).set(1)
-        # Pre-create label sets so dashboards and alerts see zeros, not gaps.
+        # Pre-create label sets so dashboards and alerts see zeros, not gaps: an alert on
+        # `increase()` cannot see the first error of a series that did not exist before it.
         for result in REFRESH_RESULTS:
             self.refresh.labels(result=result)
-        for result in ("success", "error", "timeout"):
+        for sink in SINKS:
+            self.adopted.labels(source=sink)
+            for result in SINK_RESULTS:
+                self.sink_write.labels(sink=sink, result=result)
+        for result in ON_REFRESH_RESULTS:
             self.on_refresh.labels(result=result)

@@ -7,7 +7,10 @@ At most one run at a time: a publish during a run is coalesced into one more run
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import subprocess
 import threading
 from collections.abc import Mapping
@@ -58,31 +61,57 @@ class Notifier:
     def _run(self, extra_env: dict[str, str]) -> None:
         env = {**self.base_env, **extra_env}
         program = self.command[0]
+        fields: dict[str, object] = {"command": program, "timeout_s": self.timeout_s}
         try:
-            completed = subprocess.run(
+            # Its own process group, so a timeout kills what it started too (`sh -c`, a
+            # script's children), not just the direct child.
+            proc = subprocess.Popen(
                 self.command,
                 env=env,
-                timeout=self.timeout_s,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                check=False,
+                start_new_session=True,
             )
-        except subprocess.TimeoutExpired:
-            self.metrics.on_refresh.labels(result="timeout").inc()
-            log.warning("--on-refresh %s timed out after %gs (killed)", program, self.timeout_s)
-            return
         except OSError as exc:
             self.metrics.on_refresh.labels(result="error").inc()
-            log.warning("--on-refresh %s could not start: %s", program, exc.strerror)
+            log.warning("--on-refresh %s could not start: %s", program, exc.strerror, extra=fields)
             return
-        if completed.returncode == 0:
-            self.metrics.on_refresh.labels(result="success").inc()
-            log.info("--on-refresh %s succeeded", program)
-        else:
-            self.metrics.on_refresh.labels(result="error").inc()
-            tail = completed.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        try:
+            _, stderr = proc.communicate(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            self.metrics.on_refresh.labels(result="timeout").inc()
             log.warning(
-                "--on-refresh %s exited %d", program, completed.returncode,
-                extra={"stderr_tail": tail[0][:200]},
+                "--on-refresh %s timed out after %gs (killed)",
+                program,
+                self.timeout_s,
+                extra=fields,
             )
+            return
+        if proc.returncode == 0:
+            self.metrics.on_refresh.labels(result="success").inc()
+            log.info("--on-refresh %s succeeded", program, extra=fields)
+            return
+        self.metrics.on_refresh.labels(result="error").inc()
+        tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        log.warning(
+            "--on-refresh %s exited %d",
+            program,
+            proc.returncode,
+            extra={**fields, "exit_code": proc.returncode, "stderr_tail": tail[0][:200]},
+        )
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the command's process group and reap it; a grandchild that left the group
+    and kept stderr open is not waited for."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        proc.communicate(timeout=1)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        proc.wait()

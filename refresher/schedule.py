@@ -49,10 +49,10 @@ def delay_until(instant: datetime, now: datetime) -> float:
 
 
 def backoff_s(attempt: int, initial_s: float, cap_s: float, u: float) -> float:
-    """Exponential backoff with full jitter (AWS architecture blog): uniform in [0, min(cap, b*2^n)].
+    """Exponential backoff with full jitter (AWS blog): uniform in [0, min(cap, b*2^n)].
 
     `attempt` counts from 1. A floor of 10% of the window keeps a run of small
     draws from turning into a burst.
     """
-    window = min(cap_s, initial_s * 2 ** max(0, min(attempt - 1, 62)))
+    window: float = min(cap_s, initial_s * 2.0 ** max(0, min(attempt - 1, 62)))
     return max(0.1 * window, window * min(max(u, 0.0), 1.0))

@@ -18,11 +18,12 @@ from tenacity import RetryCallState, Retrying, retry_if_exception
 
 from refresher.clock import Clock, Sleeper
 from refresher.config import Settings
-from refresher.credentials import Credentials, CredentialsNotReady, change_signature, load_credentials
+from refresher.credentials import Credentials, change_signature, load_credentials
 from refresher.errors import (
     EXIT_OK,
     EXIT_RUNTIME,
     CredentialsError,
+    CredentialsNotReady,
     ExchangeError,
     PublishError,
     RefresherError,
@@ -382,7 +383,9 @@ class Service:
                     # Another replica won the race with a newer token: adopt it, and
                     # give it to the sinks we already wrote ours to.
                     self.metrics.adopted.labels(source=sink.name).inc()
-                    log.info("adopted the newer token another replica wrote", extra={"sink": sink.name})
+                    log.info(
+                        "adopted the newer token another replica wrote", extra={"sink": sink.name}
+                    )
                     due = refresh_at(held, self.policy, self.rng.random())
                     already = [s for s in self.sinks if s not in current.unpublished]
                     current.token, current.due_at = held, due
@@ -449,6 +452,8 @@ class Service:
                 self._signature = signature
                 self._credentials_changed = True
                 self.metrics.credentials_reload.inc()
-                log.info("credentials changed: refreshing now", extra={"path": str(self.settings.credentials)})
+                log.info(
+                    "credentials changed: refreshing now",
+                    extra={"path": str(self.settings.credentials)},
+                )
                 return
-

@@ -31,7 +31,7 @@ class AccessToken:
     flow: str
     client_id: str
     ims_endpoint: str
-    token_type: str = "bearer"
+    token_type: str = "bearer"  # noqa: S105 - the OAuth token type, not a secret
 
     def __repr__(self) -> str:
         return (

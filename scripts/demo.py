@@ -35,27 +35,48 @@ def wait_for(path: Path, timeout_s: float = 20.0) -> None:
 
 def show_dir(token_dir: Path) -> None:
     for entry in sorted(token_dir.iterdir(), key=lambda p: p.name):
-        kind = f"-> {os.readlink(entry)}" if entry.is_symlink() else "(dir)" if entry.is_dir() else ""
+        kind = (
+            f"-> {os.readlink(entry)}" if entry.is_symlink() else "(dir)" if entry.is_dir() else ""
+        )
         print(f"  {entry.name:<40} {kind}")
     token = (token_dir / "access_token").read_text()
-    print(f"  access_token: {token[:24]}... ({len(token)} characters; demo token from the emulator)")
+    print(
+        f"  access_token: {token[:24]}... ({len(token)} characters; demo token from the emulator)"
+    )
     print(f"  expires_at:   {(token_dir / 'expires_at').read_text()}")
     document = json.loads((token_dir / "token.json").read_text())
     document["access_token"] = "<as in access_token>"
     print("  token.json:   " + json.dumps(document, indent=2).replace("\n", "\n  "))
     payload = token.split(".")[1]
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    print("  decoded token claims (IMS shape): " + json.dumps(
-        {k: claims[k] for k in ("type", "client_id", "created_at", "expires_in", "scope") if k in claims}
-    ))
+    print(
+        "  decoded token claims (IMS shape): "
+        + json.dumps(
+            {
+                k: claims[k]
+                for k in ("type", "client_id", "created_at", "expires_in", "scope")
+                if k in claims
+            }
+        )
+    )
 
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="refresher-demo-"))
     creds, port_file = work / "credentials", work / "port"
     emulator = subprocess.Popen(
-        [*REFRESHER, "emulator", "--port", "0", "--port-file", str(port_file),
-         "--write-credentials", str(creds), "--token-ttl", "4"],
+        [
+            *REFRESHER,
+            "emulator",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--write-credentials",
+            str(creds),
+            "--token-ttl",
+            "4",
+        ],
     )
     try:
         wait_for(port_file)
@@ -63,20 +84,52 @@ def main() -> int:
         common = ["--ims-endpoint", endpoint, "--allow-insecure-http", "--log-format", "text"]
 
         banner(f"IMS emulator on {endpoint}; generated credentials in {creds}")
-        subprocess.run([*REFRESHER, "check", "--credentials", str(creds / "aem-service-credentials.json"), *common], check=True)
+        subprocess.run(
+            [
+                *REFRESHER,
+                "check",
+                "--credentials",
+                str(creds / "aem-service-credentials.json"),
+                *common,
+            ],
+            check=True,
+        )
 
-        for label, file in (("JWT exchange (AEM service credentials)", "aem-service-credentials.json"),
-                            ("OAuth Server-to-Server", "oauth-server-to-server.json")):
+        for label, file in (
+            ("JWT exchange (AEM service credentials)", "aem-service-credentials.json"),
+            ("OAuth Server-to-Server", "oauth-server-to-server.json"),
+        ):
             out = work / f"tokens-{file.split('.')[0]}"
             banner(f"refresher once, {label}")
-            subprocess.run([*REFRESHER, "once", "--credentials", str(creds / file),
-                            "--token-dir", str(out), *common], check=True)
+            subprocess.run(
+                [
+                    *REFRESHER,
+                    "once",
+                    "--credentials",
+                    str(creds / file),
+                    "--token-dir",
+                    str(out),
+                    *common,
+                ],
+                check=True,
+            )
             show_dir(out)
 
         out = work / "tokens-run"
         banner("refresher run with 4-second tokens for 8 seconds (watch it refresh)")
-        run = subprocess.Popen([*REFRESHER, "run", "--credentials", str(creds / "aem-service-credentials.json"),
-                                "--token-dir", str(out), "--listen", "127.0.0.1:0", *common])
+        run = subprocess.Popen(
+            [
+                *REFRESHER,
+                "run",
+                "--credentials",
+                str(creds / "aem-service-credentials.json"),
+                "--token-dir",
+                str(out),
+                "--listen",
+                "127.0.0.1:0",
+                *common,
+            ]
+        )
         time.sleep(8)
         run.send_signal(signal.SIGTERM)
         print(f"  refresher run exited with {run.wait(timeout=10)} after SIGTERM")

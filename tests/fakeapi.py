@@ -223,6 +223,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Headers and body go out in two writes: without NODELAY, Nagle waits for the
+        # client's delayed ACK (~40 ms a request). Go's apiserver sets it too.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.fake._track(self.connection, add=True)
 
     def finish(self) -> None:
@@ -305,6 +308,8 @@ class FakeApiServer:
         # Request bodies as sent (tests assert on preconditions; they hold tokens: never print).
         self.bodies: list[tuple[str, str, Any]] = []
         self.authorizations: list[str] = []
+        # Exceptions inside the fake (or a test's hook): __exit__ fails the test with them.
+        self.internal_errors: list[str] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -317,9 +322,11 @@ class FakeApiServer:
         self._start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self._released.set()
         self._stop()
+        if self.internal_errors and exc_type is None:
+            raise AssertionError(f"fake apiserver failed internally: {self.internal_errors}")
 
     @property
     def url(self) -> str:
@@ -474,8 +481,10 @@ class FakeApiServer:
         """A concurrent write: apply `mutate` (if any) and bump the resourceVersion."""
         with self._lock:
             stored = self._secrets[(namespace, name)]
+            owned = {k: stored["metadata"][k] for k in ("uid", "creationTimestamp", "namespace")}
             if mutate is not None:
                 mutate(stored)
+            stored["metadata"].update(owned)  # the mutation may replace metadata wholesale
             stored["metadata"]["resourceVersion"] = self._next_revision()
 
     # --- fault hooks ----------------------------------------------------------
@@ -536,6 +545,22 @@ class FakeApiServer:
     def _handle(
         self, method: str, raw_path: str, headers: dict[str, str], raw: bytes
     ) -> tuple[int, JsonObj]:
+        try:
+            return self._serve(method, raw_path, headers, raw)
+        except ApiError as err:
+            return err.code, status_object(
+                err.code, err.message, err.reason, name=err.name, kind=err.kind
+            )
+        except _Drop:
+            raise
+        except Exception as exc:  # a bug in the fake or in a test hook: fail the test loudly
+            self.internal_errors.append(f"{method} {raw_path}: {exc!r}")
+            message = f"fake apiserver bug: {type(exc).__name__}"
+            return 500, status_object(500, message, "InternalError")
+
+    def _serve(
+        self, method: str, raw_path: str, headers: dict[str, str], raw: bytes
+    ) -> tuple[int, JsonObj]:
         # Hooks run first, so a hook may queue a fault for the very request it precedes.
         hook = self._take_hook(method)
         if hook is not None:
@@ -555,17 +580,14 @@ class FakeApiServer:
             self._released.wait(delay)
         if drop:
             raise _Drop
-        try:
-            if failure is not None:
-                raise ApiError(failure, _fault_message(failure))
-            if self.token is not None and auth != f"Bearer {self.token}":
-                raise ApiError(401, "Unauthorized")
-            with self._lock:
-                return self._route(method, raw_path, headers, raw)
-        except ApiError as err:
-            return err.code, status_object(
-                err.code, err.message, err.reason, name=err.name, kind=err.kind
-            )
+        if failure is not None:
+            raise ApiError(failure, _fault_message(failure))
+        scheme, _, credential = auth.partition(" ")
+        # The auth scheme is case-insensitive (RFC 7235): the in-cluster loader sends "bearer".
+        if self.token is not None and (scheme.lower() != "bearer" or credential != self.token):
+            raise ApiError(401, "Unauthorized")
+        with self._lock:
+            return self._route(method, raw_path, headers, raw)
 
     def _route(
         self, method: str, raw_path: str, headers: dict[str, str], raw: bytes

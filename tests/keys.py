@@ -12,7 +12,9 @@ Keys:     rsa_keypair(name="default") -> KeyPair (.key, .certificate, .not_after
           ec_private_key_pem(), ed25519_private_key_pem()
 Shapes:   aem_document(), oauth_document(), project_document(), jwt_fields(), oauth_fields()
 Files:    write_json(), write_fields(), write_kubelet_secret(), swap_kubelet_secret()
-Leaks:    leaked(text, *secrets) -> the secrets (or 48-char runs of a PEM) found in text
+Leaks:    leaked(text, secrets) -> labels of the secrets found in text;
+          assert_no_leak(text, secrets); SecretTexts / SecretMap: containers whose
+          repr hides their content (pytest prints test arguments on failure)
 """
 
 from __future__ import annotations
@@ -43,8 +45,28 @@ SCOPES = ("openid", "AdobeID", "read_organizations")
 PASSPHRASE = "Correct-Horse-Battery-Staple-42"
 NOT_AFTER = datetime(2027, 11, 26, 12, 0, 0, tzinfo=UTC)
 
+
+class SecretTexts(tuple[str, ...]):
+    """Secret strings whose repr hides them: pytest prints test arguments on failure."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} secret texts>"
+
+    def plus(self, *more: str) -> SecretTexts:
+        return SecretTexts((*self, *more))
+
+
+class SecretMap(dict[str, str]):
+    """A dict of secret strings whose repr shows only the keys."""
+
+    def __repr__(self) -> str:
+        return f"<secret texts {sorted(self)}>"
+
+
 # What never may appear in output, for `leaked()` (the PEMs are added per key pair).
-SECRETS = (CLIENT_SECRET, OTHER_CLIENT_SECRET, PASSPHRASE)
+SECRETS = SecretTexts((CLIENT_SECRET, OTHER_CLIENT_SECRET, PASSPHRASE))
 
 
 @dataclass(frozen=True)
@@ -71,9 +93,9 @@ class KeyPair:
         """Base64 of the whole PKCS#1 PEM, one line (how some people store it in a Secret)."""
         return base64.b64encode(self.pkcs1_pem().encode("ascii")).decode("ascii")
 
-    def secrets(self) -> tuple[str, ...]:
+    def secrets(self) -> SecretTexts:
         """Texts whose content must never appear in output (for `leaked()`)."""
-        return (self.pkcs1_pem(), self.pkcs8_pem(), self.base64_pem())
+        return SecretTexts((self.pkcs1_pem(), self.pkcs8_pem(), self.base64_pem()))
 
 
 def _pem(
@@ -303,14 +325,14 @@ def swap_kubelet_secret(directory: Path, files: Mapping[str, str | bytes], *, ve
 # --- leak checks -----------------------------------------------------------------------------
 
 
-def leaked(text: str, *secrets: str) -> list[str]:
+def leaked(text: str, secrets: Iterable[str] | None = None) -> list[str]:
     """Which of `secrets` (default: SECRETS and the default key's PEMs) appear in `text`.
 
     Short secrets must not appear at all; for long ones (PEMs) no 48-character
     run of their content may appear, ignoring line breaks and `\\n` escapes, so
     a re-wrapped or escaped key is caught too.
     """
-    candidates = secrets or (*SECRETS, *rsa_keypair().secrets())
+    candidates = list(secrets) if secrets is not None else [*SECRETS, *rsa_keypair().secrets()]
     flat = _flatten(text)
     found = []
     for index, secret in enumerate(candidates):
@@ -325,6 +347,13 @@ def leaked(text: str, *secrets: str) -> list[str]:
             # Name the secret by position only: the report itself must not leak it.
             found.append(f"secret #{index} ({len(secret)} chars)")
     return found
+
+
+def assert_no_leak(text: str, secrets: Iterable[str] | None = None) -> None:
+    """Fail naming only which secret leaked (the assertion must not print it either)."""
+    found = leaked(text, secrets)
+    if found:
+        raise AssertionError(f"leaked into output: {', '.join(found)}")
 
 
 def _flatten(text: str) -> str:

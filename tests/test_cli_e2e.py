@@ -121,7 +121,11 @@ def test_once_for_every_shape_and_flow(harness: Harness) -> None:
         out = harness.root / f"out-{name}"
         before = emulator.stats()["requests"]
         result = harness.run(
-            "once", "--credentials", str(shapes[name]), "--token-dir", str(out),
+            "once",
+            "--credentials",
+            str(shapes[name]),
+            "--token-dir",
+            str(out),
             *harness.endpoint_args(),
         )
         assert result.returncode == 0, (name, result.stderr)
@@ -137,11 +141,27 @@ def test_flow_override_uses_oauth_despite_a_key(harness: Harness) -> None:
     """--flow oauth on OAuth credentials works; --flow jwt without a key is a clean exit 2."""
     harness.start_emulator()
     out = harness.root / "out"
-    ok = harness.run("once", "--credentials", str(harness.oauth), "--flow", "oauth",
-                     "--token-dir", str(out), *harness.endpoint_args())
+    ok = harness.run(
+        "once",
+        "--credentials",
+        str(harness.oauth),
+        "--flow",
+        "oauth",
+        "--token-dir",
+        str(out),
+        *harness.endpoint_args(),
+    )
     assert ok.returncode == 0, ok.stderr
-    bad = harness.run("once", "--credentials", str(harness.oauth), "--flow", "jwt",
-                      "--token-dir", str(out), *harness.endpoint_args())
+    bad = harness.run(
+        "once",
+        "--credentials",
+        str(harness.oauth),
+        "--flow",
+        "jwt",
+        "--token-dir",
+        str(out),
+        *harness.endpoint_args(),
+    )
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
@@ -151,8 +171,9 @@ def test_run_refreshes_short_lived_tokens(harness: Harness) -> None:
     """`run` with 3 s tokens refreshes several times, each token replacing the last."""
     emulator = harness.start_emulator(token_ttl_s=3)
     out = harness.root / "out"
-    proc = harness.start("run", "--credentials", str(harness.aem), "--token-dir", str(out),
-                         *harness.endpoint_args())
+    proc = harness.start(
+        "run", "--credentials", str(harness.aem), "--token-dir", str(out), *harness.endpoint_args()
+    )
     seen: set[str] = set()
     deadline = time.monotonic() + 12
     while time.monotonic() < deadline and len(seen) < 4:
@@ -171,8 +192,16 @@ def test_5xx_then_success(harness: Harness) -> None:
     emulator = harness.start_emulator()
     emulator.set_faults(queue=["503", "500"])
     out = harness.root / "out"
-    result = harness.run("once", "--credentials", str(harness.aem), "--token-dir", str(out),
-                         "--backoff-initial", "0.2", *harness.endpoint_args())
+    result = harness.run(
+        "once",
+        "--credentials",
+        str(harness.aem),
+        "--token-dir",
+        str(out),
+        "--backoff-initial",
+        "0.2",
+        *harness.endpoint_args(),
+    )
     assert result.returncode == 0, result.stderr
     assert emulator.stats()["faults"] == {"503": 1, "500": 1}
     assert emulator.stats()["issued"] == 1
@@ -184,8 +213,16 @@ def test_429_retry_after_is_respected(harness: Harness) -> None:
     emulator.set_faults(queue=["429"], retry_after=2)
     out = harness.root / "out"
     started = time.monotonic()
-    result = harness.run("once", "--credentials", str(harness.oauth), "--token-dir", str(out),
-                         "--backoff-initial", "0.05", *harness.endpoint_args())
+    result = harness.run(
+        "once",
+        "--credentials",
+        str(harness.oauth),
+        "--token-dir",
+        str(out),
+        "--backoff-initial",
+        "0.05",
+        *harness.endpoint_args(),
+    )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     assert emulator.stats()["faults"] == {"429": 1}
@@ -200,8 +237,14 @@ def test_invalid_client_exits_3_quickly_and_names_the_ims_error(harness: Harness
     assert isinstance(tech, dict)
     emulator.register_client(str(tech["clientId"]), ["another-secret-entirely"])
     started = time.monotonic()
-    result = harness.run("once", "--credentials", str(harness.aem), "--token-dir",
-                         str(harness.root / "out"), *harness.endpoint_args())
+    result = harness.run(
+        "once",
+        "--credentials",
+        str(harness.aem),
+        "--token-dir",
+        str(harness.root / "out"),
+        *harness.endpoint_args(),
+    )
     assert result.returncode == 3
     assert time.monotonic() - started < 10
     assert emulator.stats()["requests"]["jwt"] == 1
@@ -215,9 +258,16 @@ def test_run_does_not_hammer_on_rejection(harness: Harness) -> None:
     emulator = harness.start_emulator()
     oauth = json.loads(harness.oauth.read_text())
     emulator.register_client(oauth["client_id"], ["revoked-everything"])
-    proc = harness.start("run", "--credentials", str(harness.oauth), "--token-dir",
-                         str(harness.root / "out"), "--backoff-initial", "0.05",
-                         *harness.endpoint_args())
+    proc = harness.start(
+        "run",
+        "--credentials",
+        str(harness.oauth),
+        "--token-dir",
+        str(harness.root / "out"),
+        "--backoff-initial",
+        "0.05",
+        *harness.endpoint_args(),
+    )
     time.sleep(4)
     code, out = harness.stop(proc)
     assert code == 0
@@ -231,8 +281,14 @@ def test_second_secret_is_tried_on_invalid_client(harness: Harness) -> None:
     emulator = harness.start_emulator()
     oauth = json.loads(harness.oauth.read_text())
     emulator.register_client(oauth["client_id"], [oauth["client_secrets"][1]])
-    result = harness.run("once", "--credentials", str(harness.oauth), "--token-dir",
-                         str(harness.root / "out"), *harness.endpoint_args())
+    result = harness.run(
+        "once",
+        "--credentials",
+        str(harness.oauth),
+        "--token-dir",
+        str(harness.root / "out"),
+        *harness.endpoint_args(),
+    )
     assert result.returncode == 0, result.stderr
     assert emulator.stats()["requests"]["oauth"] == 2
 
@@ -246,8 +302,16 @@ def test_kubelet_rotation_is_picked_up_within_seconds(harness: Harness) -> None:
     fields = {"client_id": oauth["client_id"], "scopes": ",".join(oauth["scopes"])}
     _kubelet_dir(creds, {**fields, "client_secret": first}, 1)
     out = harness.root / "out"
-    proc = harness.start("run", "--credentials", str(creds), "--token-dir", str(out),
-                         "--watch-interval", "0.2", *harness.endpoint_args())
+    proc = harness.start(
+        "run",
+        "--credentials",
+        str(creds),
+        "--token-dir",
+        str(out),
+        "--watch-interval",
+        "0.2",
+        *harness.endpoint_args(),
+    )
     wait_until(lambda: (out / "access_token").exists())
     token_before = read_token(out)
     emulator.register_client(oauth["client_id"], [second])  # the old secret is revoked
@@ -266,8 +330,14 @@ def test_adopts_a_published_token_at_start(harness: Harness) -> None:
     """A second `once` finds the still-fresh token and does not mint another."""
     emulator = harness.start_emulator()
     out = harness.root / "out"
-    args = ["once", "--credentials", str(harness.aem), "--token-dir", str(out),
-            *harness.endpoint_args()]
+    args = [
+        "once",
+        "--credentials",
+        str(harness.aem),
+        "--token-dir",
+        str(out),
+        *harness.endpoint_args(),
+    ]
     assert harness.run(*args).returncode == 0
     token = read_token(out)
     assert harness.run(*args).returncode == 0
@@ -281,8 +351,14 @@ def test_concurrent_reader_never_sees_a_torn_directory(harness: Harness) -> None
     mismatched files."""
     harness.start_emulator(token_ttl_s=1)
     out = harness.root / "out"
-    proc = harness.start("run", "--credentials", str(harness.oauth), "--token-dir", str(out),
-                         *harness.endpoint_args())
+    proc = harness.start(
+        "run",
+        "--credentials",
+        str(harness.oauth),
+        "--token-dir",
+        str(out),
+        *harness.endpoint_args(),
+    )
     wait_until(lambda: (out / "token.json").exists())
     problems: list[str] = []
     reads = 0
@@ -331,11 +407,27 @@ def test_https_with_ca_bundle_and_refused_without(harness: Harness) -> None:
     emulator = harness.start_emulator(tls=True)
     assert emulator.ca_path is not None
     out = harness.root / "out"
-    ok = harness.run("once", "--credentials", str(harness.aem), "--token-dir", str(out),
-                     "--ims-endpoint", emulator.base_url, "--ca-bundle", str(emulator.ca_path))
+    ok = harness.run(
+        "once",
+        "--credentials",
+        str(harness.aem),
+        "--token-dir",
+        str(out),
+        "--ims-endpoint",
+        emulator.base_url,
+        "--ca-bundle",
+        str(emulator.ca_path),
+    )
     assert ok.returncode == 0, ok.stderr
-    refused = harness.run("once", "--credentials", str(harness.aem), "--token-dir",
-                          str(harness.root / "out2"), "--ims-endpoint", emulator.base_url)
+    refused = harness.run(
+        "once",
+        "--credentials",
+        str(harness.aem),
+        "--token-dir",
+        str(harness.root / "out2"),
+        "--ims-endpoint",
+        emulator.base_url,
+    )
     assert refused.returncode == 1
     assert "TLS verification" in refused.stderr
     assert "Traceback" not in refused.stderr
@@ -344,8 +436,15 @@ def test_https_with_ca_bundle_and_refused_without(harness: Harness) -> None:
 def test_plain_http_refused_without_the_flag(harness: Harness) -> None:
     """An http:// endpoint without --allow-insecure-http is a configuration error (2)."""
     emulator = harness.start_emulator()
-    result = harness.run("once", "--credentials", str(harness.aem), "--token-dir",
-                         str(harness.root / "out"), "--ims-endpoint", emulator.base_url)
+    result = harness.run(
+        "once",
+        "--credentials",
+        str(harness.aem),
+        "--token-dir",
+        str(harness.root / "out"),
+        "--ims-endpoint",
+        emulator.base_url,
+    )
     assert result.returncode == 2
     assert "--allow-insecure-http" in result.stderr
     assert emulator.stats()["requests"] == {"jwt": 0, "oauth": 0}

@@ -43,17 +43,17 @@ def other_pair() -> keys.KeyPair:
 
 
 @pytest.fixture(scope="session")
-def encrypted_pems(pair: keys.KeyPair) -> dict[str, str]:
+def encrypted_pems(pair: keys.KeyPair) -> keys.SecretMap:
     # Serialised once: encryption salts differ per call, and leak checks need the exact text.
-    return {
-        "pkcs8": pair.pkcs8_pem(passphrase=keys.PASSPHRASE),
-        "pkcs1": pair.pkcs1_pem(passphrase=keys.PASSPHRASE),
-    }
+    return keys.SecretMap(
+        pkcs8=pair.pkcs8_pem(passphrase=keys.PASSPHRASE),
+        pkcs1=pair.pkcs1_pem(passphrase=keys.PASSPHRASE),
+    )
 
 
 @pytest.fixture(scope="session")
-def all_secrets(pair: keys.KeyPair, encrypted_pems: dict[str, str]) -> tuple[str, ...]:
-    return (*keys.SECRETS, *pair.secrets(), *encrypted_pems.values())
+def all_secrets(pair: keys.KeyPair, encrypted_pems: keys.SecretMap) -> keys.SecretTexts:
+    return keys.SECRETS.plus(*pair.secrets(), *encrypted_pems.values())
 
 
 def same_key(creds: Credentials, pair: keys.KeyPair) -> bool:
@@ -63,7 +63,7 @@ def same_key(creds: Credentials, pair: keys.KeyPair) -> bool:
 
 def failure(
     path: Path,
-    secrets: tuple[str, ...],
+    secrets: keys.SecretTexts,
     kind: type[CredentialsError] = CredentialsError,
     **kwargs: Any,
 ) -> CredentialsError:
@@ -71,13 +71,14 @@ def failure(
     with pytest.raises(CredentialsError) as info:
         load_credentials(path, **kwargs)
     error = info.value
-    assert type(error) is kind, f"{type(error).__name__}: {error}"
     message = str(error)
+    keys.assert_no_leak(message, secrets)  # first: the checks below print the message
+    keys.assert_no_leak(repr(error), secrets)
+    assert type(error) is kind, f"{type(error).__name__}: {error}"
     assert "\n" not in message and "\r" not in message
-    assert not keys.leaked(message, *secrets), message
-    assert not keys.leaked(repr(error), *secrets)
-    # Raised `from None`: no library exception carrying input bytes rides along.
-    assert error.__cause__ is None and error.__suppress_context__
+    # No library exception carrying input bytes rides along into a traceback.
+    assert error.__cause__ is None
+    assert error.__context__ is None or error.__suppress_context__
     return error
 
 
@@ -119,7 +120,7 @@ def test_aem_metascopes_as_list_or_urls(tmp_path: Path) -> None:
     assert creds.metascopes == ("ent_aem_cloud_api", "ent_cloudmgr_sdk")
 
 
-def test_aem_ok_false_is_rejected(tmp_path: Path, all_secrets: tuple[str, ...]) -> None:
+def test_aem_ok_false_is_rejected(tmp_path: Path, all_secrets: keys.SecretTexts) -> None:
     """A download that says ok=false is reported as such, not as missing fields."""
     doc = keys.aem_document()
     doc["ok"] = False
@@ -142,7 +143,7 @@ def test_oauth_json_dedupes_secrets_in_order(tmp_path: Path) -> None:
 
 
 def test_oauth_json_client_secret_and_scope_string(tmp_path: Path) -> None:
-    """`client_secret` plus a comma-separated `scope` string are accepted; both secret forms merge."""
+    """`client_secret` and a comma-separated `scope` string work; both secret forms merge."""
     doc = {
         "client_id": keys.CLIENT_ID,
         "client_secret": keys.CLIENT_SECRET,
@@ -177,7 +178,7 @@ def test_top_level_oauth_server_to_server_object(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("count", [0, 2])
 def test_project_json_needs_exactly_one_s2s_credential(
-    tmp_path: Path, count: int, all_secrets: tuple[str, ...]
+    tmp_path: Path, count: int, all_secrets: keys.SecretTexts
 ) -> None:
     """Zero or several OAuth S2S credentials in a project JSON is an error, never a guess."""
     doc: Any = keys.project_document()
@@ -213,7 +214,7 @@ def test_field_directory_oauth_with_secret_per_line(tmp_path: Path) -> None:
     assert creds.scopes == keys.SCOPES
 
 
-def test_directory_with_one_json_file(tmp_path: Path, encrypted_pems: dict[str, str]) -> None:
+def test_directory_with_one_json_file(tmp_path: Path, encrypted_pems: keys.SecretMap) -> None:
     """A directory holding one *.json is read as that file; a passphrase file beside it is used."""
     doc = keys.aem_document(private_key=encrypted_pems["pkcs8"])
     directory = keys.write_fields(
@@ -230,7 +231,7 @@ def test_directory_with_one_json_file(tmp_path: Path, encrypted_pems: dict[str, 
 
 
 def test_directory_with_two_json_files_is_error(
-    tmp_path: Path, all_secrets: tuple[str, ...]
+    tmp_path: Path, all_secrets: keys.SecretTexts
 ) -> None:
     """Two *.json files are ambiguous: the error names both."""
     doc = json.dumps(keys.oauth_document())
@@ -240,7 +241,7 @@ def test_directory_with_two_json_files_is_error(
 
 
 def test_directory_without_credentials_is_error(
-    tmp_path: Path, all_secrets: tuple[str, ...]
+    tmp_path: Path, all_secrets: keys.SecretTexts
 ) -> None:
     """A directory with neither per-field files nor a *.json file is a permanent error."""
     error = failure(keys.write_fields(tmp_path / "s", {"other": "x"}), all_secrets)
@@ -294,7 +295,7 @@ def test_private_key_forms_in_field_file(tmp_path: Path, pair: keys.KeyPair, for
 
 @pytest.mark.parametrize("fmt", ["pkcs8", "pkcs1"])
 def test_encrypted_key_with_passphrase_in_json(
-    tmp_path: Path, pair: keys.KeyPair, encrypted_pems: dict[str, str], fmt: str
+    tmp_path: Path, pair: keys.KeyPair, encrypted_pems: keys.SecretMap, fmt: str
 ) -> None:
     """An encrypted key (PKCS#8 or legacy PKCS#1) opens with privateKeyPassphrase."""
     doc: Any = keys.aem_document(pair, private_key=encrypted_pems[fmt])
@@ -304,7 +305,7 @@ def test_encrypted_key_with_passphrase_in_json(
 
 
 def test_encrypted_key_with_passphrase_file(
-    tmp_path: Path, pair: keys.KeyPair, encrypted_pems: dict[str, str]
+    tmp_path: Path, pair: keys.KeyPair, encrypted_pems: keys.SecretMap
 ) -> None:
     """The per-field shape reads private_key_passphrase (trailing newline stripped)."""
     files = keys.jwt_fields(
@@ -314,7 +315,7 @@ def test_encrypted_key_with_passphrase_file(
 
 
 def test_encrypted_key_with_passphrase_in_flat_json(
-    tmp_path: Path, pair: keys.KeyPair, encrypted_pems: dict[str, str]
+    tmp_path: Path, pair: keys.KeyPair, encrypted_pems: keys.SecretMap
 ) -> None:
     """Flat JSON takes private_key_passphrase, and a literal-\\n encrypted key."""
     doc = dict(keys.jwt_fields(pair))
@@ -324,12 +325,12 @@ def test_encrypted_key_with_passphrase_in_flat_json(
 
 
 def test_wrong_passphrase_is_clear_and_leak_free(
-    tmp_path: Path, encrypted_pems: dict[str, str], all_secrets: tuple[str, ...]
+    tmp_path: Path, encrypted_pems: keys.SecretMap, all_secrets: keys.SecretTexts
 ) -> None:
     """A wrong passphrase names the passphrase field and shows neither it nor the key."""
     wrong = "Wrong-Passphrase-Value-123"
     files = keys.jwt_fields(private_key=encrypted_pems["pkcs8"], private_key_passphrase=wrong)
-    error = failure(keys.write_fields(tmp_path / "s", files), (*all_secrets, wrong))
+    error = failure(keys.write_fields(tmp_path / "s", files), all_secrets.plus(wrong))
     assert error.field == "private_key_passphrase"
     assert "wrong passphrase" in str(error)
     assert error.exit_code == EXIT_USAGE
@@ -337,7 +338,7 @@ def test_wrong_passphrase_is_clear_and_leak_free(
 
 @pytest.mark.parametrize("fmt", ["pkcs8", "pkcs1"])
 def test_missing_passphrase_names_the_field(
-    tmp_path: Path, encrypted_pems: dict[str, str], all_secrets: tuple[str, ...], fmt: str
+    tmp_path: Path, encrypted_pems: keys.SecretMap, all_secrets: keys.SecretTexts, fmt: str
 ) -> None:
     """An encrypted key without a passphrase asks for the passphrase field by name."""
     doc = keys.aem_document(private_key=encrypted_pems[fmt])
@@ -362,18 +363,18 @@ def test_passphrase_for_unencrypted_key_is_harmless(tmp_path: Path, pair: keys.K
     ids=["ec-sec1", "ec-pkcs8", "ed25519"],
 )
 def test_non_rsa_keys_are_rejected(
-    tmp_path: Path, all_secrets: tuple[str, ...], pem: Any, kind: str
+    tmp_path: Path, all_secrets: keys.SecretTexts, pem: Any, kind: str
 ) -> None:
     """Only RSA can sign RS256: other key types get a message naming the type."""
     text = pem()
     doc = keys.aem_document(private_key=text)
-    error = failure(keys.write_json(tmp_path / "a.json", doc), (*all_secrets, text))
+    error = failure(keys.write_json(tmp_path / "a.json", doc), all_secrets.plus(text))
     assert f"private key is {kind}, the IMS JWT exchange needs RSA (RS256)" in str(error)
     assert error.field == "integration.privateKey"
 
 
 def test_openssh_key_gets_a_conversion_hint(
-    tmp_path: Path, pair: keys.KeyPair, all_secrets: tuple[str, ...]
+    tmp_path: Path, pair: keys.KeyPair, all_secrets: keys.SecretTexts
 ) -> None:
     """An OpenSSH-format key is named as such, with the command that converts it."""
     text = pair.key.private_bytes(
@@ -382,7 +383,7 @@ def test_openssh_key_gets_a_conversion_hint(
         serialization.NoEncryption(),
     ).decode()
     files = keys.jwt_fields(pair, private_key=text)
-    error = failure(keys.write_fields(tmp_path / "s", files), (*all_secrets, text))
+    error = failure(keys.write_fields(tmp_path / "s", files), all_secrets.plus(text))
     assert "OpenSSH" in str(error) and error.field == "private_key"
 
 
@@ -398,7 +399,7 @@ def test_openssh_key_gets_a_conversion_hint(
 def test_unusable_private_key_values(
     tmp_path: Path,
     pair: keys.KeyPair,
-    all_secrets: tuple[str, ...],
+    all_secrets: keys.SecretTexts,
     value: str,
     expected: str,
 ) -> None:
@@ -416,7 +417,7 @@ def test_unusable_private_key_values(
 
 
 def test_key_not_matching_certificate_is_rejected(
-    tmp_path: Path, pair: keys.KeyPair, other_pair: keys.KeyPair, all_secrets: tuple[str, ...]
+    tmp_path: Path, pair: keys.KeyPair, other_pair: keys.KeyPair, all_secrets: keys.SecretTexts
 ) -> None:
     """A key that does not match publicKey fails now, as IMS would reject it later."""
     doc = keys.aem_document(pair, certificate=other_pair.certificate_pem(crlf=True))
@@ -425,7 +426,7 @@ def test_key_not_matching_certificate_is_rejected(
 
 
 def test_invalid_certificate_names_public_key(
-    tmp_path: Path, pair: keys.KeyPair, all_secrets: tuple[str, ...]
+    tmp_path: Path, pair: keys.KeyPair, all_secrets: keys.SecretTexts
 ) -> None:
     """A publicKey that is not a certificate is an error naming publicKey."""
     bad = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
@@ -453,7 +454,7 @@ def test_flat_json_with_private_key_is_jwt(tmp_path: Path, pair: keys.KeyPair) -
 
 
 def test_forced_jwt_without_key_names_private_key(
-    tmp_path: Path, all_secrets: tuple[str, ...]
+    tmp_path: Path, all_secrets: keys.SecretTexts
 ) -> None:
     """--flow jwt on OAuth credentials names the missing private_key (and the other gaps)."""
     path = keys.write_json(tmp_path / "o.json", keys.oauth_document())
@@ -470,7 +471,7 @@ def test_forced_oauth_ignores_key_and_certificate(tmp_path: Path) -> None:
     assert creds.certificate_not_after is None
 
 
-def test_forced_oauth_on_aem_needs_scopes(tmp_path: Path, all_secrets: tuple[str, ...]) -> None:
+def test_forced_oauth_on_aem_needs_scopes(tmp_path: Path, all_secrets: keys.SecretTexts) -> None:
     """--flow oauth on AEM credentials asks for scopes where they would go."""
     path = keys.write_json(tmp_path / "a.json", keys.aem_document())
     error = failure(path, all_secrets, flow="oauth")
@@ -478,7 +479,7 @@ def test_forced_oauth_on_aem_needs_scopes(tmp_path: Path, all_secrets: tuple[str
 
 
 def test_auto_oauth_missing_scopes_explains_the_choice(
-    tmp_path: Path, all_secrets: tuple[str, ...]
+    tmp_path: Path, all_secrets: keys.SecretTexts
 ) -> None:
     """Without a key and without scopes, the error says why OAuth was chosen."""
     doc = {
@@ -504,7 +505,7 @@ AEM_REQUIRED = {
 
 @pytest.mark.parametrize("where", list(AEM_REQUIRED), ids=lambda w: ".".join(w))
 def test_aem_missing_field_names_field_and_file(
-    tmp_path: Path, all_secrets: tuple[str, ...], where: tuple[str, ...]
+    tmp_path: Path, all_secrets: keys.SecretTexts, where: tuple[str, ...]
 ) -> None:
     """Dropping any required AEM field reports that field and the file."""
     doc: Any = keys.aem_document()
@@ -522,7 +523,7 @@ def test_aem_missing_field_names_field_and_file(
 
 @pytest.mark.parametrize("name", ["client_id", "client_secrets", "scopes"])
 def test_oauth_missing_field_names_field(
-    tmp_path: Path, all_secrets: tuple[str, ...], name: str
+    tmp_path: Path, all_secrets: keys.SecretTexts, name: str
 ) -> None:
     """Dropping any required OAuth field reports it by its JSON name."""
     doc = keys.oauth_document()
@@ -531,7 +532,7 @@ def test_oauth_missing_field_names_field(
     assert error.field == ("client_secret" if name == "client_secrets" else name)
 
 
-def test_empty_secret_list_says_empty(tmp_path: Path, all_secrets: tuple[str, ...]) -> None:
+def test_empty_secret_list_says_empty(tmp_path: Path, all_secrets: keys.SecretTexts) -> None:
     """An empty client_secrets list is reported as empty, under its own name."""
     doc = keys.oauth_document(client_secrets=[])
     error = failure(keys.write_json(tmp_path / "o.json", doc), all_secrets)
@@ -542,7 +543,7 @@ def test_empty_secret_list_says_empty(tmp_path: Path, all_secrets: tuple[str, ..
     "name", ["client_id", "client_secret", "org_id", "technical_account_id", "metascopes"]
 )
 def test_directory_missing_file_names_field_and_directory(
-    tmp_path: Path, all_secrets: tuple[str, ...], name: str
+    tmp_path: Path, all_secrets: keys.SecretTexts, name: str
 ) -> None:
     """A missing per-field file is named, with the directory as the source."""
     files = keys.jwt_fields()
@@ -553,7 +554,7 @@ def test_directory_missing_file_names_field_and_directory(
 
 
 def test_several_missing_fields_are_reported_together(
-    tmp_path: Path, all_secrets: tuple[str, ...]
+    tmp_path: Path, all_secrets: keys.SecretTexts
 ) -> None:
     """All missing fields appear in one message; the first is the error's field."""
     doc: Any = keys.aem_document()
@@ -576,7 +577,7 @@ def test_several_missing_fields_are_reported_together(
     ],
 )
 def test_wrong_types_name_the_field(
-    tmp_path: Path, all_secrets: tuple[str, ...], mutate: Any, field: str
+    tmp_path: Path, all_secrets: keys.SecretTexts, mutate: Any, field: str
 ) -> None:
     """A value of the wrong JSON type is a permanent error naming the field, not the value."""
     doc = keys.oauth_document()
@@ -585,7 +586,7 @@ def test_wrong_types_name_the_field(
     assert error.field == field
 
 
-def test_technical_account_not_an_object(tmp_path: Path, all_secrets: tuple[str, ...]) -> None:
+def test_technical_account_not_an_object(tmp_path: Path, all_secrets: keys.SecretTexts) -> None:
     """A nested object of the wrong type is named by its path."""
     doc: Any = keys.aem_document()
     doc["integration"]["technicalAccount"] = keys.CLIENT_SECRET
@@ -595,7 +596,7 @@ def test_technical_account_not_an_object(tmp_path: Path, all_secrets: tuple[str,
 
 @pytest.mark.parametrize("document", [[1, 2], "text", 3, None, True])
 def test_non_object_json_is_error(
-    tmp_path: Path, all_secrets: tuple[str, ...], document: object
+    tmp_path: Path, all_secrets: keys.SecretTexts, document: object
 ) -> None:
     """A JSON value that is not an object is a permanent error."""
     error = failure(keys.write_json(tmp_path / "x.json", document), all_secrets)
@@ -603,7 +604,7 @@ def test_non_object_json_is_error(
 
 
 def test_invalid_json_gives_position_not_content(
-    tmp_path: Path, all_secrets: tuple[str, ...]
+    tmp_path: Path, all_secrets: keys.SecretTexts
 ) -> None:
     """Broken JSON reports line and column but no input text (a secret may be nearby)."""
     text = json.dumps(keys.oauth_document(), indent=2).replace(
@@ -615,7 +616,7 @@ def test_invalid_json_gives_position_not_content(
     assert "line 4 column" in str(error)
 
 
-def test_non_utf8_is_permanent(tmp_path: Path, all_secrets: tuple[str, ...]) -> None:
+def test_non_utf8_is_permanent(tmp_path: Path, all_secrets: keys.SecretTexts) -> None:
     """Bytes that are not UTF-8 (before the end) are a permanent error with an offset."""
     path = tmp_path / "o.json"
     path.write_bytes(b'{"client_id": "\xff\xfe"}')
@@ -623,20 +624,20 @@ def test_non_utf8_is_permanent(tmp_path: Path, all_secrets: tuple[str, ...]) -> 
     assert "not UTF-8" in str(error) and "offset 15" in str(error)
 
 
-def test_oversized_file_is_rejected(tmp_path: Path, all_secrets: tuple[str, ...]) -> None:
+def test_oversized_file_is_rejected(tmp_path: Path, all_secrets: keys.SecretTexts) -> None:
     """A file over 1 MiB is not read as credentials."""
     path = tmp_path / "big.json"
     path.write_bytes(b" " * (MAX_FILE_BYTES + 1))
     assert "1 MiB" in str(failure(path, all_secrets))
 
 
-def test_missing_path_is_permanent(tmp_path: Path, all_secrets: tuple[str, ...]) -> None:
+def test_missing_path_is_permanent(tmp_path: Path, all_secrets: keys.SecretTexts) -> None:
     """A PATH that does not exist at all is a configuration error, not a not-ready."""
     error = failure(tmp_path / "nope.json", all_secrets)
     assert "does not exist" in str(error)
 
 
-def test_unreadable_file_is_permanent(tmp_path: Path, all_secrets: tuple[str, ...]) -> None:
+def test_unreadable_file_is_permanent(tmp_path: Path, all_secrets: keys.SecretTexts) -> None:
     """Permission denied is a configuration error (wrong defaultMode / fsGroup)."""
     if os.geteuid() == 0:
         pytest.skip("root reads any file")
@@ -650,7 +651,7 @@ def test_unreadable_file_is_permanent(tmp_path: Path, all_secrets: tuple[str, ..
 
 @pytest.mark.parametrize("content", [b"", b"  \n\t ", b"\xef\xbb\xbf", b"\xef\xbb"])
 def test_empty_file_is_not_ready(
-    tmp_path: Path, all_secrets: tuple[str, ...], content: bytes
+    tmp_path: Path, all_secrets: keys.SecretTexts, content: bytes
 ) -> None:
     """An empty, blank or BOM-only file is a read caught mid-write: retry, never use."""
     path = tmp_path / "o.json"
@@ -659,7 +660,7 @@ def test_empty_file_is_not_ready(
 
 
 def test_utf8_cut_inside_a_character_is_not_ready(
-    tmp_path: Path, all_secrets: tuple[str, ...]
+    tmp_path: Path, all_secrets: keys.SecretTexts
 ) -> None:
     """A file ending in the middle of a multi-byte character is half-written."""
     path = tmp_path / "o.json"
@@ -667,26 +668,20 @@ def test_utf8_cut_inside_a_character_is_not_ready(
     failure(path, all_secrets, CredentialsNotReady)
 
 
-def _every_prefix_is_not_ready(path: Path, text: str, secrets: tuple[str, ...]) -> None:
-    complete = len(text.rstrip())
-    for end in range(1, complete):
-        path.write_text(text[:end], encoding="utf-8")
-        with pytest.raises(CredentialsNotReady) as info:
-            load_credentials(path)
-        assert not keys.leaked(str(info.value), *secrets), end
-
-
 @pytest.mark.parametrize("indent", [None, 2])
 def test_every_prefix_of_oauth_json_is_not_ready(
-    tmp_path: Path, all_secrets: tuple[str, ...], indent: int | None
+    tmp_path: Path, all_secrets: keys.SecretTexts, indent: int | None
 ) -> None:
     """Any truncation of a valid document is not-ready (exhaustive, small document)."""
     doc = keys.oauth_document(note='é😀 "quoted" \\ back', n=-1.5e-3, flag=False, none=None)
-    text = json.dumps(doc, indent=indent)
-    _every_prefix_is_not_ready(tmp_path / "o.json", text, all_secrets)
-    _every_prefix_is_not_ready(
-        tmp_path / "o.json", json.dumps(doc, ensure_ascii=False), all_secrets
-    )
+    path = tmp_path / "o.json"
+    # Locals, not helper arguments: pytest prints a failing helper's arguments.
+    for text in (json.dumps(doc, indent=indent), json.dumps(doc, ensure_ascii=False)):
+        for end in range(1, len(text.rstrip())):
+            path.write_text(text[:end], encoding="utf-8")
+            with pytest.raises(CredentialsNotReady) as info:
+                load_credentials(path)
+            keys.assert_no_leak(str(info.value), all_secrets)
 
 
 _AEM_TEXT = json.dumps(keys.aem_document(), indent=2)
@@ -695,7 +690,7 @@ _AEM_TEXT = json.dumps(keys.aem_document(), indent=2)
 @FUZZ
 @given(data=st.data())
 def test_truncated_aem_json_is_not_ready(
-    tmp_path: Path, all_secrets: tuple[str, ...], data: st.DataObject
+    tmp_path: Path, all_secrets: keys.SecretTexts, data: st.DataObject
 ) -> None:
     """Any truncation of the AEM download (escaped CRLF PEMs and all) is not-ready."""
     text = _AEM_TEXT
@@ -704,10 +699,10 @@ def test_truncated_aem_json_is_not_ready(
     path.write_text(text[:end], encoding="utf-8")
     with pytest.raises(CredentialsNotReady) as info:
         load_credentials(path)
-    assert not keys.leaked(str(info.value), *all_secrets)
+    keys.assert_no_leak(str(info.value), all_secrets)
 
 
-def test_dangling_file_symlink_is_not_ready(tmp_path: Path, all_secrets: tuple[str, ...]) -> None:
+def test_dangling_file_symlink_is_not_ready(tmp_path: Path, all_secrets: keys.SecretTexts) -> None:
     """PATH as a symlink whose target is gone (kubelet mid-swap) is not-ready."""
     link = tmp_path / "creds.json"
     link.symlink_to(tmp_path / "..data" / "creds.json")
@@ -731,7 +726,7 @@ def test_kubelet_json_file_path(tmp_path: Path) -> None:
     assert load_credentials(directory).source == str(directory / "creds.json")
 
 
-def test_dangling_data_link_is_not_ready(tmp_path: Path, all_secrets: tuple[str, ...]) -> None:
+def test_dangling_data_link_is_not_ready(tmp_path: Path, all_secrets: keys.SecretTexts) -> None:
     """..data pointing at a snapshot that is gone is a swap in progress."""
     directory = keys.write_kubelet_secret(tmp_path / "secret", keys.oauth_fields())
     shutil.rmtree(directory / os.readlink(directory / "..data"))
@@ -740,7 +735,7 @@ def test_dangling_data_link_is_not_ready(tmp_path: Path, all_secrets: tuple[str,
 
 
 def test_key_link_without_target_in_snapshot_is_not_ready(
-    tmp_path: Path, all_secrets: tuple[str, ...]
+    tmp_path: Path, all_secrets: keys.SecretTexts
 ) -> None:
     """A key link whose file is missing from the current snapshot is mid-swap, not missing."""
     directory = keys.write_kubelet_secret(tmp_path / "secret", keys.oauth_fields())
@@ -751,7 +746,7 @@ def test_key_link_without_target_in_snapshot_is_not_ready(
 
 
 def test_plain_directory_dangling_field_link_is_not_ready(
-    tmp_path: Path, all_secrets: tuple[str, ...]
+    tmp_path: Path, all_secrets: keys.SecretTexts
 ) -> None:
     """Without ..data, a field file that is a dangling symlink is still not-ready."""
     directory = keys.write_fields(tmp_path / "s", keys.oauth_fields())
@@ -762,7 +757,7 @@ def test_plain_directory_dangling_field_link_is_not_ready(
 
 @pytest.mark.parametrize("name", ["client_id", "client_secret", "scopes", "private_key"])
 def test_empty_required_field_file_is_not_ready(
-    tmp_path: Path, all_secrets: tuple[str, ...], name: str
+    tmp_path: Path, all_secrets: keys.SecretTexts, name: str
 ) -> None:
     """An empty required per-field file (or an empty key, which would flip the flow) waits."""
     files = keys.oauth_fields(**{name: ""})
@@ -771,7 +766,7 @@ def test_empty_required_field_file_is_not_ready(
 
 
 def test_half_written_key_file_is_not_ready(
-    tmp_path: Path, pair: keys.KeyPair, all_secrets: tuple[str, ...]
+    tmp_path: Path, pair: keys.KeyPair, all_secrets: keys.SecretTexts
 ) -> None:
     """A per-field PEM with BEGIN but no END line is a file caught mid-write."""
     files = keys.jwt_fields(pair, private_key=pair.pkcs8_pem()[:500])
@@ -779,7 +774,7 @@ def test_half_written_key_file_is_not_ready(
     assert error.field == "private_key"
 
 
-def test_empty_directory_is_not_ready(tmp_path: Path, all_secrets: tuple[str, ...]) -> None:
+def test_empty_directory_is_not_ready(tmp_path: Path, all_secrets: keys.SecretTexts) -> None:
     """A mount point with nothing in it yet is not-ready."""
     (tmp_path / "mnt").mkdir()
     failure(tmp_path / "mnt", all_secrets, CredentialsNotReady)
@@ -841,14 +836,14 @@ def test_signature_does_not_read_content(tmp_path: Path) -> None:
 
 
 def test_repr_and_summary_hold_no_secret(
-    tmp_path: Path, pair: keys.KeyPair, all_secrets: tuple[str, ...]
+    tmp_path: Path, pair: keys.KeyPair, all_secrets: keys.SecretTexts
 ) -> None:
     """repr, str and summary() show the shape of the credentials but never a secret."""
     doc = keys.aem_document(pair)
     doc["integration"]["technicalAccount"]["clientSecret"] = keys.OTHER_CLIENT_SECRET  # type: ignore[index]
     creds = load_credentials(keys.write_json(tmp_path / "a.json", doc))
     for text in (repr(creds), str(creds), f"{creds}", json.dumps(creds.summary())):
-        assert not keys.leaked(text, *all_secrets), text
+        keys.assert_no_leak(text, all_secrets)
     assert "<1 redacted>" in repr(creds) and "<RSA 2048 redacted>" in repr(creds)
     summary = creds.summary()
     assert summary["key_type"] == "RSA" and summary["key_size"] == 2048
@@ -886,23 +881,23 @@ def test_hand_built_credentials_are_validated(pair: keys.KeyPair) -> None:
 # --- properties ------------------------------------------------------------------------------
 
 
-def _check_outcome(path: Path, secrets: tuple[str, ...]) -> None:
-    """Loading either succeeds with a leak-free repr or raises a leak-free one-line CredentialsError."""
+def _check_outcome(path: Path, secrets: keys.SecretTexts) -> None:
+    """Loading succeeds with a leak-free repr, or raises a leak-free one-line CredentialsError."""
     try:
         creds = load_credentials(path)
     except CredentialsError as error:
         message = str(error)
+        keys.assert_no_leak(message, secrets)
         assert "\n" not in message
-        assert not keys.leaked(message, *secrets), message
     else:
-        assert not keys.leaked(repr(creds), *secrets)
-        assert not keys.leaked(json.dumps(creds.summary()), *secrets)
+        keys.assert_no_leak(repr(creds), secrets)
+        keys.assert_no_leak(json.dumps(creds.summary()), secrets)
 
 
 @FUZZ
 @given(content=st.binary(max_size=2048))
 def test_random_bytes_only_raise_credentials_error(
-    tmp_path: Path, all_secrets: tuple[str, ...], content: bytes
+    tmp_path: Path, all_secrets: keys.SecretTexts, content: bytes
 ) -> None:
     """Arbitrary bytes never escape as anything but CredentialsError."""
     path = tmp_path / "random.json"
@@ -922,7 +917,7 @@ JSON_VALUES = st.recursive(
 @FUZZ
 @given(document=JSON_VALUES)
 def test_random_json_only_raises_credentials_error(
-    tmp_path: Path, all_secrets: tuple[str, ...], document: object
+    tmp_path: Path, all_secrets: keys.SecretTexts, document: object
 ) -> None:
     """Arbitrary JSON values never escape as anything but CredentialsError."""
     _check_outcome(keys.write_json(tmp_path / "random.json", document), all_secrets)
@@ -974,9 +969,9 @@ REPLACEMENTS = (
 @FUZZ
 @given(data=st.data())
 def test_mutated_documents_only_raise_credentials_error(
-    tmp_path: Path, all_secrets: tuple[str, ...], data: st.DataObject
+    tmp_path: Path, all_secrets: keys.SecretTexts, data: st.DataObject
 ) -> None:
-    """Dropping keys, changing types or cutting the text of valid files yields only CredentialsError."""
+    """Dropping keys, changing types or cutting valid files yields only CredentialsError."""
     name = data.draw(st.sampled_from(sorted(DOCUMENTS)), label="document")
     document = json.loads(json.dumps(DOCUMENTS[name]))  # a private deep copy
     for _ in range(data.draw(st.integers(1, 3), label="mutations")):
@@ -1001,7 +996,7 @@ def test_mutated_documents_only_raise_credentials_error(
         encoded = encoded[:at] + bytes([data.draw(st.integers(0, 255))]) + encoded[at + 1 :]
     path = tmp_path / "mutated.json"
     path.write_bytes(encoded)
-    _check_outcome(path, (*all_secrets, *_secrets_of(DOCUMENTS[name])))
+    _check_outcome(path, all_secrets.plus(*_secrets_of(DOCUMENTS[name])))
 
 
 def _secrets_of(document: object) -> tuple[str, ...]:
@@ -1012,7 +1007,7 @@ def _secrets_of(document: object) -> tuple[str, ...]:
 @FUZZ
 @given(data=st.data())
 def test_mutated_field_directories_only_raise_credentials_error(
-    tmp_path: Path, all_secrets: tuple[str, ...], data: st.DataObject
+    tmp_path: Path, all_secrets: keys.SecretTexts, data: st.DataObject
 ) -> None:
     """Dropping, emptying or corrupting per-field files yields only CredentialsError."""
     files: dict[str, str | bytes] = dict(keys.jwt_fields())

@@ -438,11 +438,11 @@ def test_drop_fault_closes_the_connection_without_an_answer(ims: Emulator) -> No
 
 def test_delay_fault_outlasts_a_short_read_timeout(ims: Emulator) -> None:
     """delay holds the answer longer than the client's read timeout."""
-    ims.set_faults(queue=["delay"], delay_seconds=1.0)
+    ims.set_faults(queue=["delay"], delay_seconds=3.0)
     started = time.monotonic()
     with pytest.raises(requests.ReadTimeout):
         post_oauth(ims, timeout=0.1)
-    assert time.monotonic() - started < 0.9
+    assert time.monotonic() - started < 2.5
     assert post_oauth(ims).status_code == 200
 
 
@@ -487,9 +487,10 @@ def test_random_faults_replay_exactly_with_the_same_seed(ims: Emulator) -> None:
 def test_down_drops_every_token_request_until_up(ims: Emulator) -> None:
     """While down, every token request is dropped; up restores service."""
     ims.down()
-    for send in (lambda: post_oauth(ims), lambda: post_jwt(ims.base_url, aem_of(ims))):
-        with pytest.raises(requests.ConnectionError):
-            send()
+    with pytest.raises(requests.ConnectionError):
+        post_oauth(ims)
+    with pytest.raises(requests.ConnectionError):
+        post_jwt(ims.base_url, aem_of(ims))
     ims.up()
     assert post_oauth(ims).status_code == 200
     assert ims.stats()["faults"] == {"down": 2}
@@ -562,6 +563,9 @@ def test_control_api_registers_a_client_and_revokes_one_secret(
         "metascopes": ["ent_aem_cloud_api"],
     }
     control = ims.base_url + "/__emulator/clients"
+    typo = {**register, "client_secret": old}
+    assert_ims_error(requests.post(control, json=typo, timeout=TIMEOUT), 400, "bad_request")
+    assert_ims_error(post_jwt(ims.base_url, aem), 401, "invalid_client")  # nothing registered
     assert requests.post(control, json=register, timeout=TIMEOUT).status_code == 200
     assert post_jwt(ims.base_url, aem, secret=old).status_code == 200
     assert post_jwt(ims.base_url, aem, secret=new).status_code == 200
@@ -639,9 +643,7 @@ def test_credential_files_are_private_and_shaped_like_the_developer_console(
     assert oauth["scopes"] == ["openid", "AdobeID", "read_organizations"]
 
 
-def test_restarted_emulator_keeps_and_accepts_existing_credentials(
-    shared: Emulator, tmp_path: Path
-) -> None:
+def test_restarted_emulator_keeps_and_accepts_existing_credentials(tmp_path: Path) -> None:
     """Starting on a directory that holds credentials loads them instead of regenerating."""
     first = write_credentials(tmp_path, ims_endpoint="127.0.0.1:1")
     before = {name: path.read_bytes() for name, path in first.items()}

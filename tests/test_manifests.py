@@ -167,7 +167,9 @@ def refresher_pods(objects: list[Obj]) -> list[tuple[str, Obj]]:
 
 
 def project_version() -> str:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "version"
+    ]
 
 
 # --- rendering and schema -------------------------------------------------------

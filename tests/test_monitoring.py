@@ -8,6 +8,7 @@ with the reason; the rest runs offline in well under a second.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -200,7 +201,9 @@ def _kubectl() -> Path:
     return kubectl
 
 
+@functools.cache
 def _kustomize(directory: Path) -> list[dict[str, Any]]:
+    """The rendered documents (cached per directory: callers only read them)."""
     done = subprocess.run(
         [str(_kubectl()), "kustomize", str(directory)],
         capture_output=True,
@@ -831,3 +834,42 @@ def test_docs_sidecar_example_is_a_valid_deployment() -> None:
     """The docs' Deployment validates strictly against the Kubernetes 1.33 schema."""
     validator = pytest.importorskip("kubernetes_validate")
     validator.validate(_sidecar_example(), "1.33.0", strict=True)
+
+
+# ---------------------------------------------------------------- the shipped examples
+
+
+@pytest.mark.parametrize(
+    ("example", "monitor"), [("sidecar", f"{JOB}-sidecar"), ("secret-writer", JOB)]
+)
+def test_example_refresher_pods_are_scraped_by_their_podmonitor(example: str, monitor: str) -> None:
+    """The refresher pods of manifests/examples are selected by the PodMonitor meant for them."""
+    directory = ROOT / "manifests" / "examples" / example
+    if not (directory / "kustomization.yaml").is_file():
+        pytest.skip(f"{directory} does not exist yet")
+    # The raw files, not `kubectl kustomize`: that is test_manifests.py's business, and
+    # the selector labels are in the files themselves.
+    docs = [
+        doc
+        for path in sorted(directory.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+        if doc
+    ]
+    templates = [d["spec"]["template"] for d in docs if d["kind"] == "Deployment"]
+    refresher_pods = [
+        t
+        for t in templates
+        if any(
+            {"name": "http", "containerPort": 9876}.items() <= port.items()
+            for c in t["spec"].get("initContainers", []) + t["spec"]["containers"]
+            for port in c.get("ports", [])
+        )
+    ]
+    assert refresher_pods, f"no pod in {example} exposes the refresher's http port"
+    for template in refresher_pods:
+        labels = template["metadata"]["labels"]
+        got = [
+            m["metadata"]["name"] for m in _podmonitors() if _selects(m["spec"]["selector"], labels)
+        ]
+        assert got == [monitor]

@@ -207,7 +207,7 @@ def test_user_keys_labels_and_annotations_are_preserved(
 
 
 def test_conflict_adopts_a_newer_valid_token(server: FakeApiServer, sink: SecretSink) -> None:
-    """On 409 Conflict, a valid token of our client that outlives ours is returned, not overwritten."""
+    """On 409 Conflict, a valid token of our client outliving ours is returned, not overwritten."""
     server.put_secret(secret_holding(THEIRS_OLDER), NS)
     server.bump_before_next_write(NS, NAME, lambda obj: obj.update(secret_holding(THEIRS_NEWER)))
     adopted = sink.publish(OURS)
@@ -355,7 +355,7 @@ def test_forbidden_update_names_verb_resource_and_namespace(
 
 
 def test_forbidden_create_and_get(server: FakeApiServer, sink: SecretSink) -> None:
-    """A 403 on create names the collection (create cannot be scoped by name); on get, the Secret."""
+    """A 403 on create names the collection (create cannot be scoped by name); get, the Secret."""
     server.forbid("create")
     assert publish_error(lambda: sink.publish(OURS)) == (
         'secret sink: RBAC forbids "create" on secrets in namespace "team-a": '
@@ -403,7 +403,7 @@ def test_server_errors_read_as_unreachable(
 
 
 def test_dropped_connection(server: FakeApiServer, sink: SecretSink) -> None:
-    """A connection closed without an answer is reported, not retried blindly (it may have landed)."""
+    """A connection closed without an answer is reported, not resent (the write may have landed)."""
     server.put_secret(secret_holding(THEIRS_OLDER), NS)
     server.before_next("PUT", lambda fake: fake.drop_next(1))
     assert publish_error(lambda: sink.publish(OURS)) == (
@@ -423,7 +423,8 @@ def test_every_request_has_a_timeout(
     message = publish_error(lambda: sink.publish(OURS))
     assert time.monotonic() - started < 2.0
     assert message == (
-        f"secret sink: Kubernetes API unreachable at {server.url}: Read timed out. (read timeout=0.3)"
+        f"secret sink: Kubernetes API unreachable at {server.url}: "
+        "Read timed out. (read timeout=0.3)"
     )
 
 
@@ -433,7 +434,8 @@ def test_invalid_write_reports_the_apiserver_reason(
     """A 422 (here: an immutable Secret) quotes the apiserver's one-line reason."""
     server.put_secret({**secret_holding(THEIRS_OLDER), "immutable": True}, NS)
     assert publish_error(lambda: sink.publish(OURS)) == (
-        'secret sink: Kubernetes rejected secrets/adobe-ims-token in namespace "team-a" as invalid: '
+        "secret sink: Kubernetes rejected secrets/adobe-ims-token "
+        'in namespace "team-a" as invalid: '
         'Secret "adobe-ims-token" is invalid: data: Forbidden: field is immutable when '
         "`immutable` is set"
     )
@@ -556,7 +558,7 @@ def test_in_cluster_over_tls_with_the_service_account(
         assert sink.host == fake.url
         assert sink.publish(OURS) is OURS
         assert fake.secret_data(NS, NAME) == OURS.published_files()
-        assert set(fake.authorizations) == {"Bearer projected-sa-token"}
+        assert {auth.lower() for auth in fake.authorizations} == {"bearer projected-sa-token"}
 
 
 def test_tls_is_verified(tmp_path: Path, clock: FakeClock) -> None:
@@ -596,7 +598,8 @@ def test_kubernetes_is_imported_only_when_a_sink_is_built(kubeconfig: Path) -> N
         from refresher.sinks.secret import SecretSink
         from refresher.clock import SystemClock
         print("before", any(m.split(".")[0] == "kubernetes" for m in sys.modules))
-        SecretSink("x", "team-a", clock=SystemClock(), kubeconfig={str(kubeconfig)!r}, in_cluster=False)
+        SecretSink("x", "team-a", clock=SystemClock(), kubeconfig={str(kubeconfig)!r},
+                   in_cluster=False)
         print("after", "kubernetes" in sys.modules)
         """
     )

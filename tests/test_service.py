@@ -82,7 +82,9 @@ class FailingSink:
 @pytest.fixture
 def oauth_file(tmp_path: Path) -> Path:
     path = tmp_path / "oauth.json"
-    path.write_text('{"client_id": "client-1", "client_secret": "s3cr3t-value-1", "scopes": ["openid"]}')
+    path.write_text(
+        '{"client_id": "client-1", "client_secret": "s3cr3t-value-1", "scopes": ["openid"]}'
+    )
     return path
 
 
@@ -142,9 +144,9 @@ def test_a_day_of_hourly_tokens_refreshes_on_schedule(tmp_path: Path, oauth_file
     assert all(0.7 * 3600 <= gap <= 0.8 * 3600 + 1 for gap in gaps)
     assert len(set(gaps)) > 1  # jittered, not lock-step
     assert sink.read_current() is not None
-    assert metrics.registry.get_sample_value("refresher_refresh_total", {"result": "success"}) == len(
-        ims.calls
-    )
+    assert metrics.registry.get_sample_value(
+        "refresher_refresh_total", {"result": "success"}
+    ) == len(ims.calls)
 
 
 def test_failures_keep_the_last_good_token_until_it_expires(
@@ -174,9 +176,10 @@ def test_failures_keep_the_last_good_token_until_it_expires(
     assert values == {"token-0001-xxxxxxxxxxxxxxxx"}  # never replaced, never removed
     assert observed[0][0] is True
     assert observed[-1][0] is False  # expired: not ready
-    assert metrics.registry.get_sample_value(
-        "refresher_refresh_total", {"result": "retryable_error"}
-    ) >= 5
+    assert (
+        metrics.registry.get_sample_value("refresher_refresh_total", {"result": "retryable_error"})
+        >= 5
+    )
     assert max(sleeper.sleeps[1:]) <= 60  # after the wait until due: backoff capped at 60 s
 
 
@@ -184,7 +187,9 @@ def test_rejection_is_retried_slowly(tmp_path: Path, oauth_file: Path) -> None:
     """After invalid_client the loop pauses --permanent-retry-interval before trying again."""
     clock = FakeClock()
     ims = ScriptedIms(clock, 600)
-    ims.fail_always = ExchangeError("invalid_client", retryable=False, status=401, error="invalid_client")
+    ims.fail_always = ExchangeError(
+        "invalid_client", retryable=False, status=401, error="invalid_client"
+    )
     service, _, metrics, _, sleeper = make_service(
         tmp_path, oauth_file, clock, ims, permanent_retry_interval="300"
     )
@@ -193,9 +198,10 @@ def test_rejection_is_retried_slowly(tmp_path: Path, oauth_file: Path) -> None:
     gaps = [(b - a).total_seconds() for a, b in zip(ims.calls, ims.calls[1:], strict=False)]
     assert len(ims.calls) == 4
     assert all(gap >= 300 for gap in gaps)
-    assert metrics.registry.get_sample_value(
-        "refresher_refresh_total", {"result": "permanent_error"}
-    ) == 4
+    assert (
+        metrics.registry.get_sample_value("refresher_refresh_total", {"result": "permanent_error"})
+        == 4
+    )
 
 
 def test_credentials_change_triggers_an_immediate_refresh(tmp_path: Path, oauth_file: Path) -> None:
@@ -210,7 +216,8 @@ def test_credentials_change_triggers_an_immediate_refresh(tmp_path: Path, oauth_
     def rotate() -> None:
         if len(ims.calls) == 1 and not changed and clock.now() > ims.calls[0] + timedelta(hours=1):
             oauth_file.write_text(
-                '{"client_id": "client-1", "client_secret": "rotated-secret-2", "scopes": ["openid"]}'
+                '{"client_id": "client-1", "client_secret": "rotated-secret-2",'
+                ' "scopes": ["openid"]}'
             )
             changed.append(clock.now())
 
@@ -243,7 +250,7 @@ def test_once_adopts_a_fresh_published_token(tmp_path: Path, oauth_file: Path) -
     """`once` with a fresh token already in the directory mints nothing."""
     clock = FakeClock()
     ims = ScriptedIms(clock, 3600)
-    service, sink, metrics, _, _ = make_service(tmp_path, oauth_file, clock, ims)
+    service, _sink, _metrics, _, _ = make_service(tmp_path, oauth_file, clock, ims)
     assert service.once() == 0
     clock.advance(600)
     again, _, metrics2, _, _ = make_service(tmp_path, oauth_file, clock, ims)
@@ -256,7 +263,7 @@ def test_once_refreshes_a_published_token_that_is_due(tmp_path: Path, oauth_file
     """A valid but due token is kept for readers yet replaced by `once`."""
     clock = FakeClock()
     ims = ScriptedIms(clock, 3600)
-    service, sink, _, _, _ = make_service(tmp_path, oauth_file, clock, ims)
+    service, _sink, _, _, _ = make_service(tmp_path, oauth_file, clock, ims)
     assert service.once() == 0
     clock.advance(3000)
     again, _, _, _, _ = make_service(tmp_path, oauth_file, clock, ims)

@@ -65,7 +65,9 @@ class FileSink:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise PublishError(f"cannot create {self.directory}: {exc.strerror}", sink=self.name) from None
+            raise PublishError(
+                f"cannot create {self.directory}: {exc.strerror}", sink=self.name
+            ) from None
         self._remove_stale()
 
     def read_current(self) -> AccessToken | None:
@@ -135,7 +137,7 @@ class FileSink:
                     _remove_tree(Path(entry.path))
                 else:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
+                        Path(entry.path).unlink()
 
 
 def _remove_tree(path: Path) -> None:

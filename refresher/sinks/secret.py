@@ -12,14 +12,15 @@ other writer left a valid token of the same client that outlives ours, return it
 for the caller to adopt instead of overwriting it (Adobe throttles integrations
 that mint too many tokens).
 
-Memory: importing any `kubernetes` submodule runs the package `__init__`, which
-loads the config loaders and the client package (about +18 MiB). Since client 37
-the ~850 model classes and the API classes load lazily, and `CoreV1Api` alone
-pulls about 250 modules (+21 MiB), so we never touch it or a model: the official
-client does what it is good at (kubeconfig / in-cluster config, auth with
-rotating service-account tokens and exec plugins, TLS, proxies, the urllib3
-pool through `RESTClientObject`) and we send and read plain JSON dicts.
-The figures are in the README's performance notes and bench/secret_rss.py.
+Memory (the process must stay under 60 MiB RSS): importing any `kubernetes`
+submodule runs the package `__init__`, which loads the config loaders, pydantic,
+oauthlib, yaml and the client package: about +15 MiB. Since client 37 the ~850
+model classes and the API classes load lazily, and `CoreV1Api` with the models
+it references would add about +22 MiB more, so we touch neither: the official
+client does what it is good at (kubeconfig and in-cluster config, auth with
+rotating service-account tokens and exec plugins, TLS, proxies, the urllib3 pool
+of `RESTClientObject`) and we send and read plain JSON dicts. Measured by
+tests/test_secret_sink.py::test_secret_mode_memory.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ class SecretSink:
         if in_cluster is None:
             in_cluster = (service_account_dir / "token").is_file()
         self._kube = _load_client(in_cluster, kubeconfig, service_account_dir)
-        self.host: str = self._kube.configuration.host
+        # A kubeconfig server may carry a path prefix (API proxies); keep it, minus a final "/".
+        self.host: str = str(self._kube.configuration.host).rstrip("/")
         self._item_path = f"/api/v1/namespaces/{self.namespace}/secrets/{secret_name}"
         self._collection_path = f"/api/v1/namespaces/{self.namespace}/secrets"
 
@@ -244,9 +246,10 @@ class SecretSink:
         except self._kube.api_exception as exc:
             # Older clients raise on non-2xx; all raise TLS failures with status 0.
             # Never chain it: its str() carries the whole response, headers and body.
-            if not exc.status:
-                raise self._unreachable(_short(exc.reason)) from None
-            return _Reply(int(exc.status), str(exc.reason or ""), _parse(exc.body))
+            status, reason = getattr(exc, "status", 0), getattr(exc, "reason", "")
+            if not status:
+                raise self._unreachable(_short(reason)) from None
+            return _Reply(int(status), str(reason or ""), _parse(getattr(exc, "body", None)))
         except self._kube.transport_errors as exc:
             raise self._unreachable(_short(exc)) from exc
 
@@ -296,6 +299,8 @@ def _load_client(
     in_cluster: bool, kubeconfig: Path | str | None, service_account_dir: Path
 ) -> _Kube:
     """Import the client (lazily: refresher must not pay for it unless --secret is set)."""
+    # importlib rather than `import` statements: lazy by construction, and the modules
+    # are typed Any here, as their annotations differ between client releases.
     try:
         configuration_module = importlib.import_module("kubernetes.client.configuration")
         rest = importlib.import_module("kubernetes.client.rest")
@@ -399,9 +404,9 @@ def _parse(raw: object) -> JsonObj | None:
 
 def _short(exc: object) -> str:
     """The innermost reason of a transport error, without urllib3's object reprs."""
-    while getattr(exc, "reason", None) is not None and isinstance(exc, Exception):
-        exc = exc.reason  # type: ignore[attr-defined]  # MaxRetryError -> NewConnectionError
-    args = getattr(exc, "args", ())
+    while isinstance(exc, Exception) and getattr(exc, "reason", None) is not None:
+        exc = getattr(exc, "reason")  # noqa: B009 - MaxRetryError -> NewConnectionError
+    args: tuple[object, ...] = getattr(exc, "args", ())
     if len(args) == 2 and isinstance(args[1], BaseException):
         # ProtocolError('Connection aborted.', RemoteDisconnected('Remote end closed ...'))
         exc = f"{str(args[0]).rstrip('.')}: {args[1]}"
