@@ -351,9 +351,10 @@ class Service:
             self.metrics.adopted.labels(source=adopted_from).inc()
         due = refresh_at(token, self.policy, self.rng.random())
         self._current = _Published(token, due, list(self.sinks) if publish else [])
-        self._expose(token)
         if publish:
             self._publish_pending(self._current)
+        else:
+            self._expose(token)  # adopted: it is already published
         log.info(
             "next refresh scheduled",
             extra={"refresh_at": rfc3339(due), "expires_at": rfc3339(token.expires_at)},
@@ -365,37 +366,46 @@ class Service:
         self.metrics.last_success.set(self.clock.now().timestamp())
 
     def _publish_pending(self, current: _Published) -> None:
-        """Publish to every sink still owed the token; a failing sink never blocks another."""
+        """Publish to every sink still owed the token; a failing sink never blocks another.
+
+        Readiness and the expiry gauge follow what was actually published: a token that
+        no sink accepted is not reported as published.
+        """
         published_any = False
         with self.publish_lock:
-            still_owed: list[Sink] = []
-            for sink in current.unpublished:
+            owed: list[Sink] = list(current.unpublished)
+            written: list[Sink] = []
+            failed: list[Sink] = []
+            while owed:
+                sink = owed.pop(0)
                 try:
                     held = sink.publish(current.token)
                 except PublishError as exc:
                     self.metrics.sink_write.labels(sink=sink.name, result="error").inc()
                     log.error("publishing failed: %s", exc, extra={"sink": sink.name})
-                    still_owed.append(sink)
+                    failed.append(sink)
                     continue
                 self.metrics.sink_write.labels(sink=sink.name, result="success").inc()
                 published_any = True
                 if held.value != current.token.value:
-                    # Another replica won the race with a newer token: adopt it, and
-                    # give it to the sinks we already wrote ours to.
+                    # Another replica won the race with a newer token: adopt it, and give
+                    # it to the sinks that already got ours in this round.
                     self.metrics.adopted.labels(source=sink.name).inc()
                     log.info(
                         "adopted the newer token another replica wrote", extra={"sink": sink.name}
                     )
-                    due = refresh_at(held, self.policy, self.rng.random())
-                    already = [s for s in self.sinks if s not in current.unpublished]
-                    current.token, current.due_at = held, due
-                    still_owed.extend(already)
-                    self._expose(held)
-            current.unpublished = still_owed
-            current.publish_attempts = current.publish_attempts + 1 if still_owed else 0
-        if published_any and self.notifier is not None:
-            token_dir = self.settings.output.token_dir
-            self.notifier.notify(str(token_dir or ""), rfc3339(current.token.expires_at))
+                    current.token = held
+                    current.due_at = refresh_at(held, self.policy, self.rng.random())
+                    owed = written + owed
+                    written = []
+                written.append(sink)
+            current.unpublished = failed
+            current.publish_attempts = current.publish_attempts + 1 if failed else 0
+        if published_any:
+            self._expose(current.token)
+            if self.notifier is not None:
+                token_dir = self.settings.output.token_dir
+                self.notifier.notify(str(token_dir or ""), rfc3339(current.token.expires_at))
 
     def _retry_unpublished(self, current: _Published) -> None:
         """A sink failed: retry it with backoff (the token is not re-minted for that)."""

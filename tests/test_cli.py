@@ -35,8 +35,9 @@ def test_run_help_shows_env_names(harness: Harness) -> None:
 
 def test_unknown_refresher_variable_is_an_error(harness: Harness) -> None:
     """A REFRESHER_* variable that names no flag (a typo) exits 2 naming it."""
-    result = harness.run("check", "--credentials", str(harness.oauth),
-                         env={"REFRESHER_TOKEN_DRI": "/tmp/x"})
+    result = harness.run(
+        "check", "--credentials", str(harness.oauth), env={"REFRESHER_TOKEN_DRI": "/tmp/x"}
+    )
     assert result.returncode == 2
     assert "REFRESHER_TOKEN_DRI" in one_line_error(result.stderr)
 
@@ -44,7 +45,10 @@ def test_unknown_refresher_variable_is_an_error(harness: Harness) -> None:
 def test_variable_of_another_subcommand_is_ignored(harness: Harness) -> None:
     """`check` ignores REFRESHER_TOKEN_DIR and REFRESHER_PORT (flags of other commands)."""
     result = harness.run(
-        "check", "--credentials", str(harness.oauth), "--allow-insecure-http",
+        "check",
+        "--credentials",
+        str(harness.oauth),
+        "--allow-insecure-http",
         env={"REFRESHER_TOKEN_DIR": "/nonexistent", "REFRESHER_PORT": "1"},
     )
     assert result.returncode == 0, result.stderr
@@ -55,8 +59,12 @@ def test_environment_supplies_flags_and_command_line_wins(harness: Harness) -> N
     from_env = harness.run("check", env={"REFRESHER_CREDENTIALS": str(harness.oauth)})
     assert from_env.returncode == 0, from_env.stderr
     assert "flow: oauth" in from_env.stdout
-    flag_wins = harness.run("check", "--credentials", str(harness.aem),
-                            env={"REFRESHER_CREDENTIALS": str(harness.oauth)})
+    flag_wins = harness.run(
+        "check",
+        "--credentials",
+        str(harness.aem),
+        env={"REFRESHER_CREDENTIALS": str(harness.oauth)},
+    )
     assert flag_wins.returncode == 0, flag_wins.stderr
     assert "flow: jwt" in flag_wins.stdout
 
@@ -66,28 +74,48 @@ def test_environment_supplies_flags_and_command_line_wins(harness: Harness) -> N
     [
         (["once", "--token-dir", "/tmp/x"], "--credentials is required"),
         (["once", "--credentials", "CREDS"], "no output"),
-        (["once", "--credentials", "CREDS", "--token-dir", "T", "--refresh-ratio", "1.5"],
-         "--refresh-ratio"),
+        (
+            ["once", "--credentials", "CREDS", "--token-dir", "T", "--refresh-ratio", "1.5"],
+            "--refresh-ratio",
+        ),
         (["once", "--credentials", "CREDS", "--token-dir", "T", "--jwt-ttl", "abc"], "--jwt-ttl"),
-        (["once", "--credentials", "CREDS", "--token-dir", "T", "--file-mode", "0999"],
-         "--file-mode"),
+        (
+            ["once", "--credentials", "CREDS", "--token-dir", "T", "--file-mode", "0999"],
+            "--file-mode",
+        ),
         (["once", "--credentials", "CREDS", "--token-dir", "T", "--flow", "saml"], "--flow"),
-        (["once", "--credentials", "CREDS", "--token-dir", "T", "--ims-endpoint",
-          "http://ims.example"], "--allow-insecure-http"),
-        (["once", "--credentials", "CREDS", "--token-dir", "T", "--ca-bundle", "/nonexistent"],
-         "--ca-bundle"),
+        (
+            [
+                "once",
+                "--credentials",
+                "CREDS",
+                "--token-dir",
+                "T",
+                "--ims-endpoint",
+                "http://ims.example",
+            ],
+            "--allow-insecure-http",
+        ),
+        (
+            ["once", "--credentials", "CREDS", "--token-dir", "T", "--ca-bundle", "/nonexistent"],
+            "--ca-bundle",
+        ),
         (["run", "--credentials", "CREDS", "--token-dir", "T", "--listen", "nowhere"], "--listen"),
         (["once", "--bogus-flag"], "unrecognized arguments"),
-        (["once", "--credentials", "/nonexistent/creds.json", "--token-dir", "T"],
-         "/nonexistent/creds.json"),
+        (
+            ["once", "--credentials", "/nonexistent/creds.json", "--token-dir", "T"],
+            "/nonexistent/creds.json",
+        ),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(
     harness: Harness, args: list[str], needle: str
 ) -> None:
     """Each configuration mistake gets one clear line on stderr and exit code 2."""
-    args = [str(harness.oauth) if a == "CREDS" else str(harness.root / "t") if a == "T" else a
-            for a in args]
+    args = [
+        str(harness.oauth) if a == "CREDS" else str(harness.root / "t") if a == "T" else a
+        for a in args
+    ]
     result = harness.run(*args)
     assert result.returncode == 2
     assert needle in one_line_error(result.stderr)
@@ -95,8 +123,17 @@ def test_bad_configuration_is_one_line_and_exit_2(
 
 def test_several_problems_are_reported_together(harness: Harness) -> None:
     """Two bad flags are both named in the one error line."""
-    result = harness.run("once", "--credentials", str(harness.oauth), "--token-dir", "t",
-                         "--jitter", "2", "--read-timeout", "-1")
+    result = harness.run(
+        "once",
+        "--credentials",
+        str(harness.oauth),
+        "--token-dir",
+        "t",
+        "--jitter",
+        "2",
+        "--read-timeout",
+        "-1",
+    )
     line = one_line_error(result.stderr)
     assert "--jitter" in line
     assert "--read-timeout" in line

@@ -55,8 +55,14 @@ def test_contents_and_mode(tmp_path: Path) -> None:
     assert (tmp_path / "expires_at").read_text() == "2026-11-27T13:00:00Z"
     document = json.loads((tmp_path / "token.json").read_text())
     assert set(document) == {
-        "access_token", "token_type", "expires_at", "issued_at", "expires_in", "flow",
-        "client_id", "ims_endpoint",
+        "access_token",
+        "token_type",
+        "expires_at",
+        "issued_at",
+        "expires_in",
+        "flow",
+        "client_id",
+        "ims_endpoint",
     }
     assert document["expires_in"] == 86400
     for name in ("access_token", "expires_at", "token.json"):
@@ -96,7 +102,9 @@ def test_read_current_round_trips_for_adoption(tmp_path: Path) -> None:
     again = sink.read_current()
     assert again is not None
     assert (again.value, again.issued_at, again.expires_at) == (
-        token.value, token.issued_at, token.expires_at,
+        token.value,
+        token.issued_at,
+        token.expires_at,
     )
 
 

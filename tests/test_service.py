@@ -94,6 +94,8 @@ def make_service(
     clock: FakeClock,
     ims: ScriptedIms,
     extra_sinks: list[object] | None = None,
+    *,
+    file_sink: bool = True,
     **flags: str,
 ) -> tuple[Service, FileSink, Metrics, HealthState, FakeSleeper]:
     raw: dict[str, str | None] = {
@@ -112,7 +114,7 @@ def make_service(
         clock=clock,
         sleeper=sleeper,
         client=ims,  # type: ignore[arg-type]
-        sinks=[sink, *(extra_sinks or [])],  # type: ignore[list-item]
+        sinks=[*([sink] if file_sink else []), *(extra_sinks or [])],  # type: ignore[list-item]
         metrics=metrics,
         health=health,
         secrets=SecretRegistry(),
@@ -269,3 +271,23 @@ def test_once_refreshes_a_published_token_that_is_due(tmp_path: Path, oauth_file
     again, _, _, _, _ = make_service(tmp_path, oauth_file, clock, ims)
     assert again.once() == 0
     assert len(ims.calls) == 2
+
+
+def test_not_ready_while_no_sink_accepted_the_token(tmp_path: Path, oauth_file: Path) -> None:
+    """A minted token that no sink accepted is not reported ready; it is once a sink takes it."""
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 3600)
+    flaky = FailingSink(failures=3)
+    service, _, metrics, health, sleeper = make_service(
+        tmp_path, oauth_file, clock, ims, extra_sinks=[flaky], file_sink=False
+    )
+    readiness: list[bool] = []
+    sleeper.on_sleep.append(lambda: readiness.append(health.readiness().ok))
+    stop_after(service, clock, sleeper, 900)
+    service.run()
+    assert readiness[0] is False
+    assert readiness[-1] is True
+    assert len(ims.calls) == 1
+    assert metrics.registry.get_sample_value("refresher_token_expiry_timestamp_seconds") == (
+        flaky.published[0].expires_at.timestamp()
+    )
