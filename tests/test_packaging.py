@@ -9,6 +9,7 @@ builder stage does it (a venv without pip of its own, filled by an outer pip).
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import re
@@ -251,13 +252,12 @@ def _copy_build_context(destination: Path) -> None:
                 shutil.copy2(ROOT / path, destination / path)
 
 
-@pytest.fixture(scope="session")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    context = tmp_path_factory.mktemp("context")
+def _build_and_install(root: Path) -> None:
+    """Build the wheel from the build context into root/dist, install it into root/venv."""
+    context, dist, venv = root / "context", root / "dist", root / "venv"
     _copy_build_context(context)
-    out = tmp_path_factory.mktemp("dist")
     result = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(context)],
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(context)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -265,17 +265,11 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (built,) = out.glob("*.whl")
-    return built
-
-
-@pytest.fixture(scope="session")
-def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bin directory of a fresh venv holding only the wheel and its dependencies."""
-    venv = tmp_path_factory.mktemp("venv")
+    (wheel,) = dist.glob("*.whl")
     subprocess.run(
         [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
     )
+    # Dependencies come from the package index, as in the image build.
     result = subprocess.run(
         [
             sys.executable,
@@ -294,7 +288,41 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return venv / "bin"
+
+
+@pytest.fixture(scope="session")
+def packaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding dist/ (the wheel) and venv/ (a fresh venv with the wheel installed).
+
+    Built once per test run: under pytest-xdist the workers share one copy
+    through a lock in the run's common temporary directory, so `make test`
+    downloads the dependencies once, not once per worker.
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root = shared / "packaging"
+    root.mkdir(exist_ok=True)
+    with (root.parent / "packaging.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists():
+            for leftover in root.iterdir():
+                shutil.rmtree(leftover)
+            _build_and_install(root)
+            (root / "done").touch()
+    return root
+
+
+@pytest.fixture
+def wheel(packaged: Path) -> Path:
+    (built,) = (packaged / "dist").glob("*.whl")
+    return built
+
+
+@pytest.fixture
+def installed(packaged: Path) -> Path:
+    """The bin directory of the fresh venv."""
+    return packaged / "venv" / "bin"
 
 
 def refresher(bin_dir: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

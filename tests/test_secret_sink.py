@@ -222,6 +222,7 @@ def test_conflict_adopts_a_newer_valid_token(server: FakeApiServer, sink: Secret
         (THEIRS_OLDER, "expires before ours"),
         (OTHER_CLIENT, "another client"),
     ],
+    ids=["older", "other-client"],
 )
 def test_conflict_retries_when_the_other_token_is_not_better(
     server: FakeApiServer, sink: SecretSink, concurrent: AccessToken, why: str
