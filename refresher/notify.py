@@ -35,26 +35,46 @@ class Notifier:
         self.metrics = metrics
         self._lock = threading.Lock()
         self._pending: dict[str, str] | None = None
+        # Whether a drain thread owns the queue, decided under the lock: `is_alive()` would
+        # still be True for a thread that has just decided to exit, losing a notification.
+        self._draining = False
         self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._closed = False
 
     def notify(self, token_dir: str, expires_at: str) -> None:
         env = {"REFRESHER_TOKEN_DIR": token_dir, "REFRESHER_EXPIRES_AT": expires_at}
         with self._lock:
+            if self._closed:
+                return
             self._pending = env
-            if self._thread is None or not self._thread.is_alive():
+            if not self._draining:
+                self._draining = True
                 self._thread = threading.Thread(target=self._drain, name="on-refresh", daemon=True)
                 self._thread.start()
 
     def join(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for the runs asked for so far (used by `once`)."""
         thread = self._thread
         if thread is not None:
             thread.join(timeout_s)
+
+    def close(self) -> None:
+        """At shutdown: run nothing more, and kill a command still running (and its group)."""
+        with self._lock:
+            self._closed = True
+            self._pending = None
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def _drain(self) -> None:
         while True:
             with self._lock:
                 env, self._pending = self._pending, None
                 if env is None:
+                    self._draining = False
                     return
             self._run(env)
 
@@ -77,6 +97,8 @@ class Notifier:
             self.metrics.on_refresh.labels(result="error").inc()
             log.warning("--on-refresh %s could not start: %s", program, exc.strerror, extra=fields)
             return
+        with self._lock:
+            self._proc = proc
         try:
             _, stderr = proc.communicate(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
@@ -89,6 +111,9 @@ class Notifier:
                 extra=fields,
             )
             return
+        finally:
+            with self._lock:
+                self._proc = None
         if proc.returncode == 0:
             self.metrics.on_refresh.labels(result="success").inc()
             log.info("--on-refresh %s succeeded", program, extra=fields)

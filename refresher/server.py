@@ -22,14 +22,14 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from refresher.health import HealthState, Probe
 from refresher.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-READ_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 3.0  # kubelet and Prometheus send their few hundred bytes at once
 MAX_CONNECTIONS = 64
 _JSON = "application/json"
 
@@ -86,7 +86,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             self._probe(self.server.health.readiness())
         elif path == "/metrics":
-            self._send(200, generate_latest(self.server.metrics.registry), CONTENT_TYPE_LATEST)
+            # Plain text 0.0.4 unless the scraper asks for OpenMetrics: every Prometheus reads it.
+            encode, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._send(200, encode(self.server.metrics.registry), content_type)
         else:
             self._send(404, b'{"error": "not found"}\n', _JSON)
 

@@ -94,6 +94,7 @@ class Service:
         self._signature: tuple[object, ...] | None = None
         self._credentials_changed = False
         self._current: _Published | None = None
+        self._certificate_reported: tuple[datetime, int] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -156,6 +157,12 @@ class Service:
             return
         self.metrics.certificate_expiry.set(not_after.timestamp())
         days_left = (not_after - self.clock.now()).total_seconds() / 86400
+        # Credentials are re-read on every attempt; say it at start, then once a day
+        # (or when the certificate changes), not on every retry of an outage.
+        key = (not_after, int(days_left))
+        if key == self._certificate_reported:
+            return
+        self._certificate_reported = key
         fields = {"certificate_expires_at": rfc3339(not_after), "days_left": round(days_left, 1)}
         if days_left < CERT_ERROR_DAYS:
             log.error(
@@ -279,6 +286,7 @@ class Service:
         started = self.clock.monotonic()
         try:
             token = self.client.exchange(credentials, self.clock.now)
+            self.health.heartbeat()  # an exchange may take its whole read timeout
         except ExchangeError as exc:
             self._count_failure(exc, retryable=exc.retryable)
             raise
@@ -380,6 +388,7 @@ class Service:
                 sink = owed.pop(0)
                 try:
                     held = sink.publish(current.token)
+                    self.health.heartbeat()  # a slow API server must not look like a stall
                 except PublishError as exc:
                     self.metrics.sink_write.labels(sink=sink.name, result="error").inc()
                     log.error("publishing failed: %s", exc, extra={"sink": sink.name})
