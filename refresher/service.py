@@ -79,9 +79,9 @@ class Service:
         self.clock = clock
         self.sleeper = sleeper
         self.client = client
-        # A shared sink (the Secret) first: if another replica won a race there, the
+        # Shared sinks (the Secret) first: if another replica won a race there, the
         # token it holds is the one the local file must get.
-        self.sinks = sorted(sinks, key=lambda s: s.name != "secret")
+        self.sinks = sorted(sinks, key=lambda s: not s.shared)
         self.metrics = metrics
         self.health = health
         self.secrets = secrets
@@ -315,7 +315,7 @@ class Service:
         now = self.clock.now()
         current = self._current.token if self._current else None
         for sink in self.sinks:
-            if sink.name != "secret":
+            if not sink.shared:
                 continue
             try:
                 token = sink.read_current()

@@ -63,6 +63,7 @@ class FailingSink:
     """A sink whose publish fails the first `failures` times (disk full, API down)."""
 
     name = "secret"
+    shared = True
 
     def __init__(self, failures: int) -> None:
         self.failures = failures

@@ -10,6 +10,8 @@ from refresher.token import AccessToken
 class Sink(Protocol):
     name: str
     """`file` or `secret`: the `sink` label of `refresher_sink_write_total`."""
+    shared: bool
+    """Other replicas write it too: read it before minting, and publish to it first."""
 
     def read_current(self) -> AccessToken | None:
         """The token this sink holds now, or None (missing, unreadable, foreign).

@@ -54,6 +54,7 @@ def _write_file(path: Path, content: bytes, mode: int) -> None:
 
 class FileSink:
     name = "file"
+    shared = False  # one pod's emptyDir: only we write it
 
     def __init__(self, directory: Path, *, clock: Clock, file_mode: int = 0o440) -> None:
         self.directory = directory

@@ -108,6 +108,7 @@ class SecretSink:
     """
 
     name = "secret"
+    shared = True  # replicas of a Deployment write the same Secret
 
     def __init__(
         self,
