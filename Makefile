@@ -38,7 +38,7 @@ soak: $(STAMP)
 	$(BIN)/python -m pytest -q -m soak tests/reliability --soak-minutes=$${SOAK_MINUTES:-10}
 
 fuzz: $(STAMP)
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-10000} $(BIN)/python -m pytest -q -k fuzz -p no:randomly
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-10000} $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -k "fuzz or random or mutated or truncated" tests/test_credentials.py tests/test_fuzz_ims.py
 
 ## image: build the container image (needs a Docker engine; none on CI machines here)
 image:

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -261,7 +262,7 @@ def _single_line(pem: str) -> str:
     return " ".join(pem.split("\n")).strip()
 
 
-KEY_FORMS = {
+KEY_FORMS: dict[str, Callable[[keys.KeyPair], str]] = {
     "pkcs1-lf": lambda p: p.pkcs1_pem(),
     "pkcs1-crlf": lambda p: p.pkcs1_pem(crlf=True),
     "pkcs8-lf": lambda p: p.pkcs8_pem(),
@@ -953,7 +954,7 @@ def _documents() -> dict[str, object]:
 
 
 DOCUMENTS = _documents()
-REPLACEMENTS = (
+REPLACEMENTS: st.SearchStrategy[object] = (
     st.none()
     | st.booleans()
     | st.integers(-5, 5)
@@ -985,7 +986,8 @@ def test_mutated_documents_only_raise_credentials_error(
         if data.draw(st.booleans(), label="drop"):
             del parent[where[-1]]
         else:
-            parent[where[-1]] = data.draw(REPLACEMENTS, label="value")
+            # A copy: st.just() hands out one shared object that later steps would mutate.
+            parent[where[-1]] = json.loads(json.dumps(data.draw(REPLACEMENTS, label="value")))
     raw = json.dumps(document, indent=data.draw(st.sampled_from([None, 2]), label="indent"))
     encoded = raw.encode()
     how = data.draw(st.sampled_from(["whole", "cut", "flip"]), label="how")
