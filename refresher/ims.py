@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_RETRY_AFTER_S = 3600.0
+# IMS tokens live 24 h; a lifetime beyond a year is garbage, and beyond datetime's range
+# (year 9999) it would raise OverflowError instead of a classified ExchangeError.
+MAX_LIFETIME_S = 366 * 86400.0
 JWT_PATH = "/ims/exchange/jwt"
 OAUTH_PATH = "/ims/token/v3"
 USER_AGENT = "ims-token-refresher"
@@ -308,16 +311,20 @@ class ImsClient:
             access_token = document["access_token"]
             expires_in = float(document["expires_in"])
             token_type = str(document.get("token_type", "bearer"))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: 1e400-ish ints
             raise ExchangeError(
                 "IMS answered HTTP 200 without a usable token document",
                 retryable=True,
                 status=200,
                 debug_id=debug_id,
             ) from None
-        if not isinstance(access_token, str) or not access_token or not expires_in > 0:
+        if (
+            not isinstance(access_token, str)
+            or not access_token
+            or not 0 < expires_in * unit_s <= MAX_LIFETIME_S  # also false for NaN
+        ):
             raise ExchangeError(
-                "IMS answered HTTP 200 with an empty token or a non-positive expires_in",
+                "IMS answered HTTP 200 with an empty token or an implausible expires_in",
                 retryable=True,
                 status=200,
                 debug_id=debug_id,

@@ -141,9 +141,7 @@ class Service:
 
     def _prepare(self) -> None:
         for sink in self.sinks:
-            prepare = getattr(sink, "prepare", None)
-            if prepare is not None:
-                prepare()
+            sink.prepare()
 
     def _load(self) -> Credentials:
         credentials = self.load(self.settings.credentials, flow=self.settings.flow)
@@ -189,10 +187,11 @@ class Service:
         except CredentialsNotReady:
             return False
         now = self.clock.now()
+        held: dict[str, AccessToken | None] = {}
         best: tuple[AccessToken, Sink] | None = None
         for sink in self.sinks:
             try:
-                token = sink.read_current()
+                token = held[sink.name] = sink.read_current()
             except PublishError as exc:
                 log.warning("cannot read the %s sink at start: %s", sink.name, exc)
                 continue
@@ -206,7 +205,10 @@ class Service:
         fresh = adoptable(token, self.policy, now)
         self._accept(token, adopted_from=source.name if fresh else None, publish=False)
         assert self._current is not None  # noqa: S101 - _accept just set it
-        self._current.unpublished = [s for s in self.sinks if not self._holds(s, token)]
+        # Sinks that do not hold it yet (empty, older, unreadable) get it on the next turn.
+        self._current.unpublished = [
+            s for s in self.sinks if getattr(held.get(s.name), "value", None) != token.value
+        ]
         if not fresh:
             # Still valid, so readers keep it; but due: refresh at once.
             self._current.due_at = now
@@ -222,14 +224,6 @@ class Service:
         return token.client_id == credentials.client_id and token.ims_endpoint == (
             self.client.base_url(credentials)
         )
-
-    @staticmethod
-    def _holds(sink: Sink, token: AccessToken) -> bool:
-        try:
-            held = sink.read_current()
-        except PublishError:
-            return False
-        return held is not None and held.value == token.value
 
     def _refresh(self) -> None:
         """One refresh cycle in `run`: obtain (with retries) and publish."""

@@ -69,6 +69,9 @@ class FailingSink:
         self.failures = failures
         self.published: list[AccessToken] = []
 
+    def prepare(self) -> None:
+        pass
+
     def read_current(self) -> AccessToken | None:
         return self.published[-1] if self.published else None
 

@@ -13,6 +13,13 @@ class Sink(Protocol):
     shared: bool
     """Other replicas write it too: read it before minting, and publish to it first."""
 
+    def prepare(self) -> None:
+        """Get ready before the first read: create what is missing, clean up leftovers.
+
+        Raises PublishError when the sink is unusable (exit 1 at start).
+        """
+        ...
+
     def read_current(self) -> AccessToken | None:
         """The token this sink holds now, or None (missing, unreadable, foreign).
 

@@ -140,6 +140,9 @@ class SecretSink:
 
     # --- the Sink protocol -------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Nothing to set up: the Secret is created by the first publish if missing."""
+
     def read_current(self) -> AccessToken | None:
         current = self._get()
         return _held_token(current) if current is not None else None
