@@ -25,18 +25,32 @@ _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})))
 
 
 class SecretRegistry:
-    """Secret values seen at run time (client secrets, tokens), scrubbed verbatim."""
+    """The most recent secret values (client secrets, tokens), scrubbed verbatim.
 
-    def __init__(self) -> None:
+    Bounded: a refresher runs for months and sees a new token every cycle, so the
+    oldest values are forgotten (an LRU). Client secrets are re-added on every
+    credentials read and so stay; an expired token that is long gone no longer
+    needs scrubbing, and JWT-shaped text is caught by the pattern anyway.
+    """
+
+    def __init__(self, capacity: int = 16) -> None:
         self._lock = threading.Lock()
-        self._values: frozenset[str] = frozenset()
+        self._capacity = capacity
+        self._recent: dict[str, None] = {}  # insertion-ordered: oldest first
+        self._values: tuple[str, ...] = ()
 
     def add(self, *values: str) -> None:
         # Very short strings would redact ordinary words; real secrets are long.
-        new = {v for v in values if v and len(v) >= 8}
-        if new - self._values:
-            with self._lock:
-                self._values = self._values | new
+        fresh = [v for v in values if v and len(v) >= 8]
+        if not fresh:
+            return
+        with self._lock:
+            for value in fresh:
+                self._recent.pop(value, None)
+                self._recent[value] = None
+            while len(self._recent) > self._capacity:
+                del self._recent[next(iter(self._recent))]
+            self._values = tuple(self._recent)
 
     def scrub(self, text: str) -> str:
         text = _PEM.sub(REDACTED, text)

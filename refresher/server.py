@@ -15,6 +15,7 @@ crowd of them costs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -134,7 +135,9 @@ class ProbeServer:
         metrics.token_valid.set_function(lambda: 1.0 if health.token_valid() else 0.0)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.1},  # `close` returns within this: shutdown stays fast
+            # No timeout: the selector sleeps until a connection arrives, so an idle sidecar
+            # costs no wake-ups; `close` wakes it with a connection of its own.
+            kwargs={"poll_interval": None},
             name="probe-server",
             daemon=True,
         )
@@ -148,5 +151,23 @@ class ProbeServer:
 
     def close(self) -> None:
         if self._thread.is_alive():
-            self._server.shutdown()
+            stopper = threading.Thread(target=self._server.shutdown, daemon=True)
+            stopper.start()
+            # shutdown() only sets a flag the serve loop checks after select() returns:
+            # poke it with connections until it has noticed (a few ms; bounded).
+            address = self._wake_address()
+            for _ in range(40):
+                with contextlib.suppress(OSError):
+                    socket.create_connection(address, timeout=0.2).close()
+                stopper.join(0.025)
+                if not stopper.is_alive():
+                    break
         self._server.server_close()
+
+    def _wake_address(self) -> tuple[str, int]:
+        host = str(self._server.server_address[0])
+        if host in ("0.0.0.0", ""):  # noqa: S104 - not binding, connecting to ourselves
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        return host, self.port

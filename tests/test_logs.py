@@ -87,3 +87,13 @@ def test_short_values_are_not_registered() -> None:
     registry = SecretRegistry()
     registry.add("abc")
     assert registry.scrub("abc def") == "abc def"
+
+
+def test_registry_is_bounded_but_keeps_what_is_re_added() -> None:
+    """Months of tokens do not grow the registry; a client secret re-added each cycle stays."""
+    registry = SecretRegistry(capacity=4)
+    for n in range(1000):
+        registry.add("client-secret-xyz", f"token-value-{n:06d}")
+    assert registry.scrub("client-secret-xyz") == REDACTED
+    assert registry.scrub("token-value-000999") == REDACTED
+    assert registry.scrub("token-value-000001") == "token-value-000001"
