@@ -74,7 +74,7 @@ _OUTPUT = [
 _SCHEDULE = [
     Flag("refresh-ratio", "refresh when this fraction of the lifetime has passed [0.8]", "R"),
     Flag("jitter", "... earlier by a random fraction of the lifetime up to this [0.1]", "J"),
-    Flag("watch-interval", "stat the credentials for changes this often, seconds [2]", "S"),
+    Flag("watch-interval", "stat the credentials for changes this often, seconds [5]", "S"),
 ]
 _ONCE = [Flag("retry-timeout", "give up retrying after this many seconds [120]", "S")]
 _SERVER = [

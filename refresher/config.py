@@ -218,7 +218,7 @@ def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Sett
         backoff_max_s=c.get("backoff_max", _positive(float), 60.0),
         permanent_retry_s=c.get("permanent_retry_interval", _positive(float), 300.0),
         retry_timeout_s=c.get("retry_timeout", _positive(float), 120.0),
-        watch_interval_s=c.get("watch_interval", _positive(float), 2.0),
+        watch_interval_s=c.get("watch_interval", _positive(float), 5.0),
     )
     token_dir = c.get("token_dir", Path, None)
     secret_name = raw.get("secret") or None

@@ -60,9 +60,18 @@ from pathlib import Path
 from typing import Final, Literal, NoReturn
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import (
+    dsa,
+    ec,
+    ed448,
+    ed25519,
+    padding,
+    rsa,
+    x448,
+    x25519,
+)
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from refresher.errors import CredentialsError, CredentialsNotReady
@@ -847,12 +856,27 @@ def _key_type(key: PrivateKeyTypes) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _load_pem_private_key(pem: bytes, password: bytes | None) -> PrivateKeyTypes:
-    """Parse once per distinct key: OpenSSL's RSA consistency check costs ~50 ms.
+    """Parse once per distinct key. The cache holds what memory already holds (the
+    loaded key); exceptions are not cached, so a fixed passphrase takes effect on the
+    next read.
 
-    The cache holds what memory already holds (the loaded key); exceptions are
-    not cached, so a fixed passphrase takes effect on the next read.
+    OpenSSL's full RSA consistency check costs ~55 ms of CPU, a sixth of the time to
+    the first token (docs/benchmarks.md). It guards against keys an attacker crafted;
+    this key is our own, from our own Secret. It is skipped, and replaced by what
+    matters here, a sign-and-verify round trip (~1 ms): a key that cannot produce a
+    signature its own public key verifies is refused now, not by IMS later.
     """
-    return serialization.load_pem_private_key(pem, password=password)
+    key = serialization.load_pem_private_key(
+        pem, password=password, unsafe_skip_rsa_key_validation=True
+    )
+    if isinstance(key, rsa.RSAPrivateKey):
+        probe = b"ims-token-refresher key self-test"
+        signature = key.sign(probe, padding.PKCS1v15(), hashes.SHA256())
+        try:
+            key.public_key().verify(signature, probe, padding.PKCS1v15(), hashes.SHA256())
+        except InvalidSignature:
+            raise ValueError("inconsistent RSA key") from None
+    return key
 
 
 def _certificate(raw: _Raw) -> x509.Certificate | None:

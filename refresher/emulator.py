@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import email.parser
+import email.policy
 import hmac
 import ipaddress
 import json
@@ -97,6 +99,8 @@ FAULT_KINDS = (
 DEFAULT_FAULT_MIX = ("500", "502", "503", "504", "429", "delay", "drop", "badjson", "html")
 
 _FORM = "application/x-www-form-urlencoded"
+# IMS also takes multipart forms: Adobe's own `@adobe/jwt-auth` posts with `form-data`.
+_MULTIPART = "multipart/form-data"
 _JSON = "application/json;charset=utf-8"  # what IMS sends: clients must not compare equality
 _HTML = "text/html;charset=utf-8"
 _MAX_BODY_BYTES = 64 * 1024
@@ -762,6 +766,31 @@ def _parse_form(body: bytes) -> dict[str, str]:
     return {name: values[0] for name, values in fields.items()}
 
 
+def _parse_multipart(body: bytes, content_type: str) -> dict[str, str]:
+    """A multipart/form-data body as a flat form (text fields only), via the stdlib's
+    email parser (the `cgi` module is gone from Python 3.13)."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
+    if not message.is_multipart():
+        raise _ImsError(400, "bad_request", "malformed multipart body")
+    fields: dict[str, str] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if not isinstance(name, str) or not isinstance(payload, bytes):
+            raise _ImsError(400, "bad_request", "malformed multipart field")
+        if name in fields:
+            raise _ImsError(400, "bad_request", f"parameter given more than once: {name}")
+        try:
+            fields[name] = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _ImsError(400, "bad_request", "multipart field is not UTF-8") from None
+        if len(fields) > 50:
+            raise _ImsError(400, "bad_request", "too many fields")
+    return fields
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -795,6 +824,9 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server_version
 
     def setup(self) -> None:
+        # Without TCP_NODELAY, a kept-alive exchange stalls ~40 ms on Nagle + delayed ACK.
+        with contextlib.suppress(OSError):
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if isinstance(self.request, ssl.SSLSocket):
             # Handshake here, in the connection's own thread, bounded by the timeout:
             # a stalled client must not block the accept loop.
@@ -946,14 +978,21 @@ class _Handler(BaseHTTPRequestHandler):
                 headers=[("Allow", "POST")],
             )
             return
-        if self.headers.get_content_type() != _FORM:
-            self._reject(_ImsError(400, "bad_request", f"Content-Type must be {_FORM}"))
+        content_type = self.headers.get_content_type()
+        if content_type not in (_FORM, _MULTIPART):
+            self._reject(
+                _ImsError(400, "bad_request", f"Content-Type must be {_FORM} or {_MULTIPART}")
+            )
             return
         fault = state.take_fault()
         if fault is not None and self._inject(fault):
             return
         try:
-            form = _parse_form(body)
+            form = (
+                _parse_form(body)
+                if content_type == _FORM
+                else _parse_multipart(body, self.headers.get("Content-Type", ""))
+            )
             if state.known_client(form.get("client_id", "")):
                 self._log_client = form["client_id"]
             if kind == "jwt":

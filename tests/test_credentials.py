@@ -1033,3 +1033,33 @@ def test_mutated_field_directories_only_raise_credentials_error(
 def test_base64_key_round_trip_is_exact(pair: keys.KeyPair) -> None:
     """The helper's base64 form is base64 of the whole PEM (guards the key-form tests above)."""
     assert base64.b64decode(pair.base64_pem()).decode() == pair.pkcs1_pem()
+
+
+def test_inconsistent_rsa_key_is_refused(pair: keys.KeyPair, tmp_path: Path) -> None:
+    """A key whose private exponent does not match its modulus fails the load-time self-test
+    (OpenSSL's slow full check is skipped), instead of producing signatures IMS rejects."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    good = serialization.load_pem_private_key(pair.pkcs8_pem().encode(), password=None)
+    assert isinstance(good, rsa.RSAPrivateKey)
+    n = good.private_numbers()
+    broken = rsa.RSAPrivateNumbers(
+        p=n.p,
+        q=n.q,
+        d=n.d + 2,
+        dmp1=n.dmp1 + 2,
+        dmq1=n.dmq1 + 2,
+        iqmp=n.iqmp,
+        public_numbers=n.public_numbers,
+    ).private_key(unsafe_skip_rsa_key_validation=True)
+    pem = broken.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    path = keys.write_json(
+        tmp_path / "aem.json", keys.aem_document(private_key=pem, certificate=None)
+    )
+    with pytest.raises(CredentialsError, match="not a valid PEM private key") as info:
+        load_credentials(path)
+    assert pem.splitlines()[1] not in str(info.value)

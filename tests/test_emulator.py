@@ -818,3 +818,21 @@ def test_request_log_lines_carry_outcome_and_debug_id_but_no_secret(
         aem["privateKey"].split("\r\n")[1],
     ):
         assert secret not in text
+
+
+def test_multipart_form_is_accepted_like_ims(tmp_path: Path) -> None:
+    """IMS takes multipart/form-data too (Adobe's @adobe/jwt-auth sends it): OAuth works."""
+    with Emulator.start(tmp_path / "creds") as emulator:
+        oauth = json.loads(emulator.credential_files["oauth"].read_text())
+        response = requests.post(
+            emulator.base_url + "/ims/token/v3",
+            files={
+                "grant_type": (None, "client_credentials"),
+                "client_id": (None, oauth["client_id"]),
+                "client_secret": (None, oauth["client_secrets"][0]),
+                "scope": (None, ",".join(oauth["scopes"])),
+            },
+            timeout=10,
+        )
+        assert response.status_code == 200
+        assert response.json()["token_type"] == "bearer"
