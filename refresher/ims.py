@@ -11,7 +11,7 @@ import json
 import logging
 import random
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -27,6 +27,7 @@ from refresher.assertion import build_claims, sign
 from refresher.config import ImsSettings, ims_base_url
 from refresher.credentials import Credentials
 from refresher.errors import EXIT_RUNTIME, ExchangeError
+from refresher.logs import redact
 from refresher.schedule import backoff_s
 from refresher.token import AccessToken
 
@@ -81,20 +82,35 @@ def _short(text: str, limit: int = 200) -> str:
 
 
 def classify_response(
-    status: int, body: bytes, headers: Mapping[str, str], now: datetime
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    now: datetime,
+    sensitive: Sequence[str] = (),
 ) -> ExchangeError:
-    """Turn a non-success IMS answer into an ExchangeError (never echoes the body wholesale)."""
+    """Turn a non-success IMS answer into an ExchangeError (never echoes the body wholesale).
+
+    What IMS says is copied into the error, so anything we sent that it might quote
+    back (`sensitive`: the client secret, the signed assertion) is redacted first: the
+    error reaches stderr, where the logging filter does not run.
+    """
     error: str | None = None
     description: str | None = None
+
+    def clean(value: object, limit: int) -> str:
+        return _short(redact(str(value), sensitive), limit)
+
     try:
         document = json.loads(body)
         if isinstance(document, dict):
             raw_error = document.get("error")
             raw_desc = document.get("error_description")
-            error = _short(str(raw_error), 80) if raw_error is not None else None
-            description = _short(str(raw_desc)) if raw_desc is not None else None
+            error = clean(raw_error, 80) if raw_error is not None else None
+            description = clean(raw_desc, 200) if raw_desc is not None else None
     except (ValueError, UnicodeDecodeError):
         pass
+    raw_debug_id = headers.get("x-debug-id")
+    debug_id = clean(raw_debug_id, 120) if raw_debug_id is not None else None
     retry_after = parse_retry_after(headers.get("Retry-After"), now)
     retryable = can_retry(status, error)
     what = f"IMS answered HTTP {status}"
@@ -110,7 +126,7 @@ def classify_response(
         status=status,
         error=error,
         error_description=description,
-        debug_id=headers.get("x-debug-id"),
+        debug_id=debug_id,
         retry_after_s=retry_after,
     )
 
@@ -247,7 +263,7 @@ class ImsClient:
             url, unit_s = base + OAUTH_PATH, 1.0  # ... and seconds on OAuth
         status, body, headers = self._post(url, form)
         if status != 200:
-            raise classify_response(status, body, headers, now())
+            raise classify_response(status, body, headers, now(), sensitive=list(form.values()))
         return self._parse_success(body, headers, credentials, base, unit_s, sent_at)
 
     def _post(self, url: str, form: dict[str, str]) -> tuple[int, bytes, Mapping[str, str]]:
@@ -294,6 +310,15 @@ class ImsClient:
         except requests.exceptions.RequestException as exc:
             raise ExchangeError(
                 f"could not reach IMS at {url}: {type(exc).__name__}", retryable=True
+            ) from None
+        except OSError as exc:
+            # requests raises a bare OSError when REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE names
+            # a missing file: a local setup problem, not IMS's verdict (exit 1, not 3).
+            raise ExchangeError(
+                f"cannot set up TLS for {url}: {exc.strerror or type(exc).__name__} "
+                "(check REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE and --ca-bundle)",
+                retryable=False,
+                exit_code=EXIT_RUNTIME,
             ) from None
 
     def _parse_success(
@@ -349,12 +374,13 @@ class ImsClient:
 
 
 def _tls_reason(exc: Exception) -> str:
+    """OpenSSL's reason, without urllib3's wrapping: `certificate verify failed: <why>`."""
     text = str(exc)
-    for marker in ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "hostname mismatch"):
-        if marker in text:
-            start = text.find(marker)
-            return _short(text[start:], 120).rstrip(")'\"")
-    return type(exc).__name__
+    marker = "certificate verify failed"
+    if marker not in text:
+        return type(exc).__name__
+    reason = text[text.find(marker) :].split(" (_ssl.c", 1)[0]
+    return _short(reason.rstrip(")'\" "), 160)
 
 
 class RetryWait:

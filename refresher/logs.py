@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -53,12 +54,16 @@ class SecretRegistry:
             self._values = tuple(self._recent)
 
     def scrub(self, text: str) -> str:
-        text = _PEM.sub(REDACTED, text)
-        text = _JWT.sub(REDACTED, text)
-        for value in self._values:
-            if value in text:
-                text = text.replace(value, REDACTED)
-        return text
+        return redact(text, self._values)
+
+
+def redact(text: str, values: Sequence[str] = ()) -> str:
+    """`text` without JWTs, PEM blocks, or any of `values` (each at least 8 characters)."""
+    text = _JWT.sub(REDACTED, _PEM.sub(REDACTED, text))
+    for value in values:
+        if len(value) >= 8 and value in text:
+            text = text.replace(value, REDACTED)
+    return text
 
 
 def _scrub_value(value: object, registry: SecretRegistry) -> object:

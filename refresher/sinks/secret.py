@@ -32,6 +32,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -382,16 +383,26 @@ def _held_token(obj: JsonObj) -> AccessToken | None:
 
 
 def _same(held: AccessToken, token: AccessToken) -> bool:
-    return held.value == token.value and held.expires_at == token.expires_at
+    # Compared as published: token.json carries whole seconds, memory carries microseconds.
+    return held.value == token.value and held.expires_at == _as_published(token.expires_at)
 
 
 def _outlives(held: AccessToken, token: AccessToken, clock: Clock) -> bool:
-    """Adopt only a valid token of the same client that expires after ours."""
+    """Adopt a valid token of the same client that expires no earlier than ours.
+
+    At the published (whole-second) precision, a tie goes to the token already in the
+    Secret: two replicas that minted within the same second must not overwrite each
+    other (the reliability storm saw a newer token replaced by one minted ms earlier).
+    """
     return (
         held.client_id == token.client_id
         and held.is_valid(clock.now())
-        and held.expires_at > token.expires_at
+        and held.expires_at >= _as_published(token.expires_at)
     )
+
+
+def _as_published(instant: datetime) -> datetime:
+    return instant.replace(microsecond=0)
 
 
 def _parse(raw: object) -> JsonObj | None:
