@@ -72,8 +72,9 @@ def can_retry(status: int | None, error: str | None) -> bool:
     """
     if status is None:
         return True  # no HTTP answer at all: connection refused, reset, timeout
-    # A 200 with an unusable body is a proxy or IMS glitch, not a verdict on the credentials.
-    return status in (200, 408, 429) or status >= 500
+    # A 200 with an unusable body, any other 1xx/2xx (a proxy's 202/204) are glitches on
+    # the way, not a verdict on the credentials.
+    return status < 300 or status in (408, 429) or status >= 500
 
 
 def _short(text: str, limit: int = 200) -> str:
@@ -261,10 +262,17 @@ class ImsClient:
                 "scope": ",".join(credentials.scopes),
             }
             url, unit_s = base + OAUTH_PATH, 1.0  # ... and seconds on OAuth
-        status, body, headers = self._post(url, form)
-        if status != 200:
-            raise classify_response(status, body, headers, now(), sensitive=list(form.values()))
-        return self._parse_success(body, headers, credentials, base, unit_s, sent_at)
+        sensitive = list(form.values())
+        try:
+            status, body, headers = self._post(url, form)
+            if status != 200:
+                raise classify_response(status, body, headers, now(), sensitive=sensitive)
+            return self._parse_success(body, headers, credentials, base, unit_s, sent_at)
+        except ExchangeError as exc:
+            # Every path copies IMS's x-debug-id header: never let it carry what we sent.
+            if exc.debug_id is not None:
+                exc.debug_id = _short(redact(exc.debug_id, sensitive), 120)
+            raise
 
     def _post(self, url: str, form: dict[str, str]) -> tuple[int, bytes, Mapping[str, str]]:
         timeout = (self.settings.connect_timeout_s, self.settings.read_timeout_s)

@@ -149,14 +149,13 @@ class SecretSink:
         return _held_token(current) if current is not None else None
 
     def publish(self, token: AccessToken) -> AccessToken:
-        conflicted = False
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             current = self._get()
             if current is not None:
                 held = _held_token(current)
                 if held is not None and _same(held, token):
                     return token  # already there (e.g. our previous write's reply was lost)
-                if conflicted and held is not None and _outlives(held, token, self._clock):
+                if held is not None and _outlives(held, token, self._clock):
                     _log.info(
                         "another writer published a newer token to the Secret; adopting it",
                         extra={"secret": self.secret_name, "namespace": self.namespace},
@@ -170,7 +169,6 @@ class SecretSink:
             # 409 Conflict (stale resourceVersion), 409 AlreadyExists (a concurrent
             # create) and 404 on PUT (deleted since our read) all mean: re-read.
             if reply.status == 409 or (reply.status == 404 and current is not None):
-                conflicted = True
                 _log.debug(
                     "the Secret changed while we wrote it; re-reading",
                     extra={"attempt": attempt, "reason": reply.status_reason or reply.status},
