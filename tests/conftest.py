@@ -79,6 +79,10 @@ class Harness:
             args.append("--allow-insecure-http")
         return args
 
+    def args(self, command: str, credentials: Path, *extra: str) -> list[str]:
+        """`COMMAND --credentials PATH EXTRA... --ims-endpoint <the emulator>`."""
+        return [command, "--credentials", str(credentials), *extra, *self.endpoint_args()]
+
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHER_")}
         env.update({"PYTHONUNBUFFERED": "1", "NO_PROXY": "*", "REFRESHER_LISTEN": ""})

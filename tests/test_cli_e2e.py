@@ -121,12 +121,7 @@ def test_once_for_every_shape_and_flow(harness: Harness) -> None:
         out = harness.root / f"out-{name}"
         before = emulator.stats()["requests"]
         result = harness.run(
-            "once",
-            "--credentials",
-            str(shapes[name]),
-            "--token-dir",
-            str(out),
-            *harness.endpoint_args(),
+            *harness.args("once", shapes[name], "--token-dir", str(out)),
         )
         assert result.returncode == 0, (name, result.stderr)
         document = json.loads((out / "token.json").read_text())
@@ -142,25 +137,11 @@ def test_flow_override_uses_oauth_despite_a_key(harness: Harness) -> None:
     harness.start_emulator()
     out = harness.root / "out"
     ok = harness.run(
-        "once",
-        "--credentials",
-        str(harness.oauth),
-        "--flow",
-        "oauth",
-        "--token-dir",
-        str(out),
-        *harness.endpoint_args(),
+        *harness.args("once", harness.oauth, "--flow", "oauth", "--token-dir", str(out)),
     )
     assert ok.returncode == 0, ok.stderr
     bad = harness.run(
-        "once",
-        "--credentials",
-        str(harness.oauth),
-        "--flow",
-        "jwt",
-        "--token-dir",
-        str(out),
-        *harness.endpoint_args(),
+        *harness.args("once", harness.oauth, "--flow", "jwt", "--token-dir", str(out)),
     )
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
@@ -193,14 +174,7 @@ def test_5xx_then_success(harness: Harness) -> None:
     emulator.set_faults(queue=["503", "500"])
     out = harness.root / "out"
     result = harness.run(
-        "once",
-        "--credentials",
-        str(harness.aem),
-        "--token-dir",
-        str(out),
-        "--backoff-initial",
-        "0.2",
-        *harness.endpoint_args(),
+        *harness.args("once", harness.aem, "--token-dir", str(out), "--backoff-initial", "0.2"),
     )
     assert result.returncode == 0, result.stderr
     assert emulator.stats()["faults"] == {"503": 1, "500": 1}
@@ -214,14 +188,7 @@ def test_429_retry_after_is_respected(harness: Harness) -> None:
     out = harness.root / "out"
     started = time.monotonic()
     result = harness.run(
-        "once",
-        "--credentials",
-        str(harness.oauth),
-        "--token-dir",
-        str(out),
-        "--backoff-initial",
-        "0.05",
-        *harness.endpoint_args(),
+        *harness.args("once", harness.oauth, "--token-dir", str(out), "--backoff-initial", "0.05"),
     )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
@@ -238,12 +205,7 @@ def test_invalid_client_exits_3_quickly_and_names_the_ims_error(harness: Harness
     emulator.register_client(str(tech["clientId"]), ["another-secret-entirely"])
     started = time.monotonic()
     result = harness.run(
-        "once",
-        "--credentials",
-        str(harness.aem),
-        "--token-dir",
-        str(harness.root / "out"),
-        *harness.endpoint_args(),
+        *harness.args("once", harness.aem, "--token-dir", str(harness.root / "out")),
     )
     assert result.returncode == 3
     assert time.monotonic() - started < 10
@@ -259,14 +221,14 @@ def test_run_does_not_hammer_on_rejection(harness: Harness) -> None:
     oauth = json.loads(harness.oauth.read_text())
     emulator.register_client(oauth["client_id"], ["revoked-everything"])
     proc = harness.start(
-        "run",
-        "--credentials",
-        str(harness.oauth),
-        "--token-dir",
-        str(harness.root / "out"),
-        "--backoff-initial",
-        "0.05",
-        *harness.endpoint_args(),
+        *harness.args(
+            "run",
+            harness.oauth,
+            "--token-dir",
+            str(harness.root / "out"),
+            "--backoff-initial",
+            "0.05",
+        ),
     )
     time.sleep(4)
     code, out = harness.stop(proc)
@@ -282,12 +244,7 @@ def test_second_secret_is_tried_on_invalid_client(harness: Harness) -> None:
     oauth = json.loads(harness.oauth.read_text())
     emulator.register_client(oauth["client_id"], [oauth["client_secrets"][1]])
     result = harness.run(
-        "once",
-        "--credentials",
-        str(harness.oauth),
-        "--token-dir",
-        str(harness.root / "out"),
-        *harness.endpoint_args(),
+        *harness.args("once", harness.oauth, "--token-dir", str(harness.root / "out")),
     )
     assert result.returncode == 0, result.stderr
     assert emulator.stats()["requests"]["oauth"] == 2
@@ -303,14 +260,7 @@ def test_kubelet_rotation_is_picked_up_within_seconds(harness: Harness) -> None:
     _kubelet_dir(creds, {**fields, "client_secret": first}, 1)
     out = harness.root / "out"
     proc = harness.start(
-        "run",
-        "--credentials",
-        str(creds),
-        "--token-dir",
-        str(out),
-        "--watch-interval",
-        "0.2",
-        *harness.endpoint_args(),
+        *harness.args("run", creds, "--token-dir", str(out), "--watch-interval", "0.2"),
     )
     wait_until(lambda: (out / "access_token").exists())
     token_before = read_token(out)
@@ -331,12 +281,7 @@ def test_adopts_a_published_token_at_start(harness: Harness) -> None:
     emulator = harness.start_emulator()
     out = harness.root / "out"
     args = [
-        "once",
-        "--credentials",
-        str(harness.aem),
-        "--token-dir",
-        str(out),
-        *harness.endpoint_args(),
+        *harness.args("once", harness.aem, "--token-dir", str(out)),
     ]
     assert harness.run(*args).returncode == 0
     token = read_token(out)
@@ -352,12 +297,7 @@ def test_concurrent_reader_never_sees_a_torn_directory(harness: Harness) -> None
     harness.start_emulator(token_ttl_s=1)
     out = harness.root / "out"
     proc = harness.start(
-        "run",
-        "--credentials",
-        str(harness.oauth),
-        "--token-dir",
-        str(out),
-        *harness.endpoint_args(),
+        *harness.args("run", harness.oauth, "--token-dir", str(out)),
     )
     wait_until(lambda: (out / "token.json").exists())
     problems: list[str] = []

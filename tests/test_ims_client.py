@@ -159,12 +159,7 @@ def test_proxy_from_the_environment_is_used(harness: Harness, tmp_path: Path) ->
     try:
         proxy_url = url_of(proxy)
         result = harness.run(
-            "once",
-            "--credentials",
-            str(harness.oauth),
-            "--token-dir",
-            str(tmp_path / "out"),
-            *harness.endpoint_args(),
+            *harness.args("once", harness.oauth, "--token-dir", str(tmp_path / "out")),
             env={"HTTP_PROXY": proxy_url, "http_proxy": proxy_url, "NO_PROXY": "", "no_proxy": ""},
         )
         assert result.returncode == 0, result.stderr

@@ -41,16 +41,7 @@ def test_once_creates_the_secret_then_adopts_it(
     """`once --secret` creates the Secret per the SPEC; a second `once` adopts, not re-mints."""
     server, env = api
     emulator = harness.start_emulator()
-    args = [
-        "once",
-        "--credentials",
-        str(harness.aem),
-        "--secret",
-        NAME,
-        "--secret-namespace",
-        NS,
-        *harness.endpoint_args(),
-    ]
+    args = harness.args("once", harness.aem, "--secret", NAME, "--secret-namespace", NS)
     first = harness.run(*args, env=env)
     assert first.returncode == 0, first.stderr
     obj = server.secret(NS, NAME)
@@ -76,16 +67,7 @@ def test_three_replicas_share_one_token(
     """Three `run` replicas on one Secret cause about one IMS exchange per refresh cycle."""
     server, env = api
     emulator = harness.start_emulator(token_ttl_s=4)
-    args = [
-        "run",
-        "--credentials",
-        str(harness.oauth),
-        "--secret",
-        NAME,
-        "--secret-namespace",
-        NS,
-        *harness.endpoint_args(),
-    ]
+    args = harness.args("run", harness.oauth, "--secret", NAME, "--secret-namespace", NS)
     replicas = []
     for _ in range(3):
         replicas.append(harness.start(*args, env=env))
@@ -119,16 +101,9 @@ def test_forbidden_secret_does_not_block_the_file(
     harness.start_emulator()
     out = harness.root / "out"
     result = harness.run(
-        "once",
-        "--credentials",
-        str(harness.aem),
-        "--secret",
-        NAME,
-        "--secret-namespace",
-        NS,
-        "--token-dir",
-        str(out),
-        *harness.endpoint_args(),
+        *harness.args(
+            "once", harness.aem, "--secret", NAME, "--secret-namespace", NS, "--token-dir", str(out)
+        ),
         env=env,
     )
     assert result.returncode == 1
@@ -147,18 +122,18 @@ def test_unreachable_api_keeps_refreshing_the_file(
     harness.start_emulator(token_ttl_s=30)
     out = harness.root / "out"
     proc = harness.start(
-        "run",
-        "--credentials",
-        str(harness.oauth),
-        "--secret",
-        NAME,
-        "--secret-namespace",
-        NS,
-        "--token-dir",
-        str(out),
-        "--backoff-max",
-        "1",
-        *harness.endpoint_args(),
+        *harness.args(
+            "run",
+            harness.oauth,
+            "--secret",
+            NAME,
+            "--secret-namespace",
+            NS,
+            "--token-dir",
+            str(out),
+            "--backoff-max",
+            "1",
+        ),
         env=env,
     )
     wait_until(lambda: (out / "access_token").exists())
@@ -179,14 +154,7 @@ def test_missing_namespace_is_one_clear_line(
     _, env = api
     harness.start_emulator()
     result = harness.run(
-        "once",
-        "--credentials",
-        str(harness.oauth),
-        "--secret",
-        NAME,
-        "--secret-namespace",
-        "nope",
-        *harness.endpoint_args(),
+        *harness.args("once", harness.oauth, "--secret", NAME, "--secret-namespace", "nope"),
         env=env,
     )
     assert result.returncode == 1
@@ -209,14 +177,7 @@ def test_users_keys_and_labels_survive(
     )
     harness.start_emulator()
     result = harness.run(
-        "once",
-        "--credentials",
-        str(harness.oauth),
-        "--secret",
-        NAME,
-        "--secret-namespace",
-        NS,
-        *harness.endpoint_args(),
+        *harness.args("once", harness.oauth, "--secret", NAME, "--secret-namespace", NS),
         env=env,
     )
     assert result.returncode == 0, result.stderr

@@ -78,18 +78,18 @@ def _crash_loop(harness: Harness, kills: int, figures: dict[str, Any]) -> None:
     out = harness.root / "tokens"
     book = TokenBook(emulator, client_ids(harness))
     args = [
-        "run",
-        "--credentials",
-        str(harness.aem),
-        "--token-dir",
-        str(out),
-        "--log-level",
-        "debug",
-        "--backoff-initial",
-        "0.05",
-        "--backoff-max",
-        "0.2",
-        *harness.endpoint_args(),
+        *harness.args(
+            "run",
+            harness.aem,
+            "--token-dir",
+            str(out),
+            "--log-level",
+            "debug",
+            "--backoff-initial",
+            "0.05",
+            "--backoff-max",
+            "0.2",
+        ),
     ]
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)

@@ -73,20 +73,20 @@ def _disk_fault(harness: Harness, fault: str, figures: dict[str, Any]) -> None:
         out = disk / "tokens"
         refresher = Refresher(
             harness,
-            "run",
-            "--credentials",
-            str(harness.aem),
-            "--token-dir",
-            str(out),
-            "--listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "debug",
-            "--backoff-initial",
-            "0.1",
-            "--backoff-max",
-            str(BACKOFF_MAX_S),
-            *harness.endpoint_args(),
+            *harness.args(
+                "run",
+                harness.aem,
+                "--token-dir",
+                str(out),
+                "--listen",
+                "127.0.0.1:0",
+                "--log-level",
+                "debug",
+                "--backoff-initial",
+                "0.1",
+                "--backoff-max",
+                str(BACKOFF_MAX_S),
+            ),
         )
         wait_until(lambda: dir_state(out, book)["complete"])
         good = dir_state(out, book)
