@@ -179,6 +179,22 @@ class TokenBook:
             return list(self._expiry)
 
 
+def observed_run(credentials: Path, token_dir: Path) -> list[str]:
+    """The start of every observed `run`: the token dir, probes on a free port, debug logs
+    (the level that the secret scans must survive)."""
+    return [
+        "run",
+        "--credentials",
+        str(credentials),
+        "--token-dir",
+        str(token_dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-level",
+        "debug",
+    ]
+
+
 def client_ids(harness: Harness) -> set[str]:
     aem = json.loads(harness.aem.read_text())["integration"]["technicalAccount"]["clientId"]
     oauth = json.loads(harness.oauth.read_text())["client_id"]

@@ -16,7 +16,7 @@ import pytest
 from refresher.emulator import Emulator
 from tests.conftest import Harness, wait_until
 
-from .support import Refresher, TokenBook, client_ids, percentiles, scan_for_secrets
+from .support import Refresher, TokenBook, client_ids, observed_run, percentiles, scan_for_secrets
 
 pytestmark = pytest.mark.slow
 
@@ -119,15 +119,7 @@ def _run(
     book = TokenBook(emulator, client_ids(harness))
     refresher = Refresher(
         harness,
-        "run",
-        "--credentials",
-        str(harness.aem),
-        "--token-dir",
-        str(out),
-        "--listen",
-        "127.0.0.1:0",
-        "--log-level",
-        "debug",
+        *observed_run(harness.aem, out),
         "--read-timeout",
         "1",
         "--backoff-initial",

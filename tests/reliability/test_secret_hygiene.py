@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import Harness, wait_until
 
-from .support import Refresher, TokenBook, client_ids, scan_for_secrets
+from .support import Refresher, TokenBook, client_ids, observed_run, scan_for_secrets
 
 pytestmark = pytest.mark.slow
 
@@ -46,15 +46,7 @@ def test_debug_output_metrics_and_probes_hold_no_secret(
     for credentials in (harness.aem, harness.oauth):
         refresher = Refresher(
             harness,
-            "run",
-            "--credentials",
-            str(credentials),
-            "--token-dir",
-            str(out),
-            "--listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "debug",
+            *observed_run(credentials, out),
             "--read-timeout",
             "0.3",
             "--backoff-initial",

@@ -37,6 +37,7 @@ from .support import (
     RssSampler,
     TokenBook,
     client_ids,
+    observed_run,
     percentiles,
     scan_for_secrets,
 )
@@ -69,15 +70,7 @@ def _soak(harness: Harness, duration_s: float, figures: dict[str, Any]) -> dict[
     reader.start()
     refresher = Refresher(
         harness,
-        "run",
-        "--credentials",
-        str(harness.aem),
-        "--token-dir",
-        str(out),
-        "--listen",
-        "127.0.0.1:0",
-        "--log-level",
-        "debug",
+        *observed_run(harness.aem, out),
         "--read-timeout",
         str(READ_TIMEOUT_S),
         "--connect-timeout",
