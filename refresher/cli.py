@@ -46,6 +46,12 @@ _CREDENTIALS = [
         "IMS host or URL [from the credentials, else ims-na1.adobelogin.com]",
         "HOST|URL",
     ),
+    Flag(
+        "ims-audience",
+        "IMS base URL for the JWT's aud and metascope claims, when IMS is reached through "
+        "a gateway under another host name [the endpoint's]",
+        "URL",
+    ),
 ]
 _EXCHANGE = [
     Flag(
@@ -54,7 +60,16 @@ _EXCHANGE = [
     Flag("ca-bundle", "extra CA certificates (PEM) to trust for IMS", "PATH"),
     Flag("jwt-ttl", "lifetime of the signed JWT assertion, seconds [300]", "S"),
     Flag("connect-timeout", "IMS connect timeout, seconds [5]", "S"),
-    Flag("read-timeout", "IMS read timeout, seconds [15]", "S"),
+    Flag(
+        "read-timeout",
+        "IMS read timeout, seconds [15]; connect plus read timeout bound the whole exchange",
+        "S",
+    ),
+    Flag(
+        "min-token-lifetime",
+        "a token granted for less than this is a bad answer, retried, never published, seconds [1]",
+        "S",
+    ),
     Flag("backoff-initial", "first retry delay after a transient failure, seconds [1]", "S"),
     Flag("backoff-max", "cap of the exponential backoff, seconds [60]", "S"),
     Flag(

@@ -34,6 +34,10 @@ class ImsSettings:
     """Lifetime of the signed JWT assertion (its `exp` claim), integer seconds."""
     connect_timeout_s: float
     read_timeout_s: float
+    audience: str | None = None
+    """`--ims-audience` as a base URL: replaces the endpoint's base in `aud` and metascopes."""
+    min_token_lifetime_s: float = 1.0
+    """A token IMS grants for less than this is a bad answer (retried, never published)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _seconds_up_to(limit_s: float) -> Callable[[str], float]:
+    def parse_seconds(text: str) -> float:
+        value = float(text)
+        if not 0 <= value <= limit_s:  # also false for NaN
+            raise ValueError(f"must be between 0 and {limit_s:g} seconds")
+        return value
+
+    return parse_seconds
+
+
 def _mode(text: str) -> int:
     value = int(text, 8)
     if not 0 <= value <= 0o777:
@@ -205,6 +219,8 @@ def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Sett
         jwt_ttl_s=int(c.get("jwt_ttl", _positive(float), 300.0)),
         connect_timeout_s=c.get("connect_timeout", _positive(float), 5.0),
         read_timeout_s=c.get("read_timeout", _positive(float), 15.0),
+        audience=c.get("ims_audience", ims_base_url, None),
+        min_token_lifetime_s=c.get("min_token_lifetime", _seconds_up_to(86400.0), 1.0),
     )
     c.require(ims.jwt_ttl_s <= 86400, "--jwt-ttl must be at most 86400 s (IMS rejects longer)")
     ratio = c.get("refresh_ratio", _fraction, 0.8)
