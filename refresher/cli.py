@@ -163,6 +163,9 @@ def build_parser(*, with_emulator: bool = True) -> argparse.ArgumentParser:
                 )
             else:
                 sub.add_argument(f"--{flag.name}", metavar=flag.metavar, help=help_text)
+    from refresher import inject_cli  # noqa: PLC0415 - argparse only; YAML and TLS load on use
+
+    inject_cli.add_commands(commands)
     emulator_parser = commands.add_parser(
         "emulator",
         add_help=with_emulator,
@@ -279,6 +282,10 @@ def _dispatch(args: argparse.Namespace, environ: dict[str, str]) -> int:
     from refresher.config import build_settings  # noqa: PLC0415 - keep --help fast
 
     command: str = args.command
+    if command in ("inject", "injector"):
+        from refresher import inject_cli  # noqa: PLC0415
+
+        return inject_cli.run(args)
     settings = build_settings(_raw(args, COMMANDS[command][1]), needs_output=command != "check")
     if command == "check":
         return _check(settings)

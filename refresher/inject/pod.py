@@ -1,0 +1,349 @@
+"""The injection itself: one pod (or pod template) and its annotations in, the injected copy out.
+
+Pure and total: no I/O, no clock, the input is never mutated, and any input that is
+not a pod the function understands ends in `Refused` with one line naming the
+annotation or the name at fault, never in another exception (the admission
+webhook feeds it whatever the API server, or an attacker, sends).
+"""
+
+from __future__ import annotations
+
+import copy
+import posixpath
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from refresher import __version__
+
+Obj = dict[str, Any]
+
+PREFIX = "ims-token-refresher.io/"
+LABEL = PREFIX + "inject"
+STATUS = PREFIX + "status"
+INJECTED = "injected"
+
+CREDENTIALS_SECRET = "credentials-secret"  # noqa: S105 - a name, not a secret
+TOKEN_PATH = "token-path"  # noqa: S105 - a name, not a secret
+CONTAINERS = "containers"
+MODE = "mode"
+FLOW = "flow"
+IMS_ENDPOINT = "ims-endpoint"
+ANNOTATIONS = (CREDENTIALS_SECRET, TOKEN_PATH, CONTAINERS, MODE, FLOW, IMS_ENDPOINT, "status")
+
+CONTAINER = "ims-token-refresher"
+CREDENTIALS_VOLUME = "ims-token-refresher-credentials"
+TOKEN_VOLUME = "ims-token-refresher-token"  # noqa: S105 - a name, not a secret
+# Paths inside the refresher's own container: fixed, whatever token-path the app uses.
+CREDENTIALS_DIR = "/etc/adobe-ims"
+TOKEN_DIR = "/var/run/adobe-ims"  # noqa: S105 - a name, not a secret
+DEFAULT_TOKEN_PATH = TOKEN_DIR
+PROBE_PORT = 9876
+UID = 65532
+DEFAULT_IMAGE = f"ghcr.io/example/ims-token-refresher:{__version__}"
+
+Mode = Literal["sidecar", "init"]
+Flow = Literal["auto", "jwt", "oauth"]
+
+_SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+# Conservative on purpose: a path the kubelet, a shell and a YAML reader all take literally.
+_PATH = re.compile(r"(/[A-Za-z0-9._@+-]+)+")
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?")
+
+
+class Refused(ValueError):
+    """An opted-in pod that cannot be injected; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """The pod's annotations, validated."""
+
+    credentials_secret: str
+    token_path: str
+    containers: tuple[str, ...] | None
+    """Application containers that get the token volume; None: every container."""
+    mode: Mode
+    flow: Flow
+    ims_endpoint: str | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: Literal["injected", "unchanged"]
+    pod: Obj
+    """The injected copy, or (unchanged) a shallow copy of the input."""
+    reason: str
+    """Why: "injected", "not opted in" or "already injected"."""
+
+
+def opted_in(template: Mapping[str, Any]) -> bool:
+    metadata = template.get("metadata")
+    labels = metadata.get("labels") if isinstance(metadata, Mapping) else None
+    return isinstance(labels, Mapping) and labels.get(LABEL) == "true"
+
+
+def inject_pod(template: Mapping[str, Any], *, image: str = DEFAULT_IMAGE) -> Outcome:
+    """The pod (or pod template: any mapping with `metadata` and `spec`) with the refresher.
+
+    A pod without the opt-in label, or already injected, comes back unchanged.
+    Raises `Refused` for an opted-in pod that cannot be injected as asked.
+    """
+    if not opted_in(template):
+        return Outcome("unchanged", dict(template), "not opted in")
+    annotations = _annotations(template)
+    spec = template.get("spec")
+    if not isinstance(spec, Mapping):
+        raise Refused("spec must be an object")
+    if annotations.get(STATUS) == INJECTED and CONTAINER in _names(spec, "initContainers"):
+        return Outcome("unchanged", dict(template), "already injected")
+    options = parse_options(annotations)
+    pod: Obj = copy.deepcopy(dict(template))
+    _inject_spec(pod["spec"], options, image)
+    metadata = pod["metadata"]
+    metadata["annotations"] = {**(metadata.get("annotations") or {}), STATUS: INJECTED}
+    return Outcome("injected", pod, INJECTED)
+
+
+def _annotations(template: Mapping[str, Any]) -> dict[str, str]:
+    annotations = template["metadata"].get("annotations") or {}
+    if not isinstance(annotations, Mapping):
+        raise Refused("metadata.annotations must be an object")
+    for key, value in annotations.items():
+        if isinstance(key, str) and key.startswith(PREFIX) and not isinstance(value, str):
+            raise Refused(f"annotation {key} must be a string")
+    return {k: v for k, v in annotations.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def parse_options(annotations: Mapping[str, str]) -> Options:
+    """Validated options from the annotations; `Refused` names the first one at fault."""
+    ours = {k.removeprefix(PREFIX): v for k, v in annotations.items() if k.startswith(PREFIX)}
+    unknown = sorted(set(ours) - set(ANNOTATIONS))
+    if unknown:
+        known = ", ".join(ANNOTATIONS[:-1])
+        raise Refused(f"unknown annotation {PREFIX}{unknown[0]} (known: {known})")
+    secret = ours.get(CREDENTIALS_SECRET)
+    if secret is None:
+        raise Refused(f"annotation {PREFIX}{CREDENTIALS_SECRET} is required")
+    if len(secret) > 253 or not _SECRET_NAME.fullmatch(secret):
+        _invalid(CREDENTIALS_SECRET, secret, "not a Secret name")
+    token_path = ours.get(TOKEN_PATH, DEFAULT_TOKEN_PATH)
+    if (
+        len(token_path) > 1024
+        or not _PATH.fullmatch(token_path)
+        or posixpath.normpath(token_path) != token_path
+        or ".." in token_path.split("/")
+    ):
+        _invalid(TOKEN_PATH, token_path, "not a normalized absolute path of letters, digits, ._@+-")
+    return Options(
+        credentials_secret=secret,
+        token_path=token_path,
+        containers=_containers_option(ours.get(CONTAINERS)),
+        mode=_choice(ours, MODE, ("sidecar", "init"), "sidecar"),  # type: ignore[arg-type]
+        flow=_choice(ours, FLOW, ("auto", "jwt", "oauth"), "auto"),  # type: ignore[arg-type]
+        ims_endpoint=_endpoint_option(ours.get(IMS_ENDPOINT)),
+    )
+
+
+def _invalid(name: str, value: str, why: str) -> None:
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    raise Refused(f"annotation {PREFIX}{name}: {shown!r} is {why}")
+
+
+def _choice(ours: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = ours.get(name, default)
+    if value not in choices:
+        _invalid(name, value, f"not one of {', '.join(choices)}")
+    return value
+
+
+def _containers_option(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
+    if not names or "" in names:
+        _invalid(CONTAINERS, text, "not a comma-separated list of container names")
+    return names
+
+
+def _endpoint_option(text: str | None) -> str | None:
+    if text is None:
+        return None
+    if len(text) > 2048 or any(c.isspace() or not c.isprintable() for c in text):
+        _invalid(IMS_ENDPOINT, text, "not a host or an https URL")
+    if "://" not in text:
+        if not _HOST.fullmatch(text):
+            _invalid(IMS_ENDPOINT, text, "not a host or an https URL")
+        return text
+    try:
+        parts = urlsplit(text)
+        ok = parts.scheme == "https" and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port out of range, an unbalanced bracket
+        ok = False
+    if not ok:
+        # The injected refresher runs without --allow-insecure-http: plain http could never work.
+        _invalid(IMS_ENDPOINT, text, "not an https URL or a host")
+    return text
+
+
+# --- the spec -------------------------------------------------------------------
+
+
+def _objects(holder: Mapping[str, Any], key: str, where: str) -> list[Obj]:
+    """`holder[key]` as a list of objects ([] when absent), or `Refused`."""
+    value = holder.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise Refused(f"{where}.{key} must be a list of objects")
+    return value
+
+
+def _names(spec: Mapping[str, Any], key: str) -> list[str]:
+    return [str(item.get("name")) for item in _objects(spec, key, "spec")]
+
+
+def _inject_spec(spec: Obj, options: Options, image: str) -> None:
+    apps = _objects(spec, "containers", "spec")
+    if not apps:
+        raise Refused("spec.containers must list at least one container")
+    _check_collisions(spec)
+    selected = _selected(apps, options)
+    for container in selected:
+        _check_token_path(container, options.token_path)
+    mount = {"name": TOKEN_VOLUME, "mountPath": options.token_path, "readOnly": True}
+    for container in selected:
+        _objects(container, "volumeMounts", f"container {container.get('name')}")
+        container.setdefault("volumeMounts", []).append(dict(mount))
+    inits = [refresher_container(options, image), *_objects(spec, "initContainers", "spec")]
+    if "initContainers" not in spec:
+        # Written before `containers`, where people look for it in the YAML.
+        items = list(spec.items())
+        spec.clear()
+        for key, value in items:
+            if key == "containers":
+                spec["initContainers"] = inits
+            spec[key] = value
+    spec["initContainers"] = inits
+    spec["volumes"] = [*_objects(spec, "volumes", "spec"), *volumes(options)]
+    context = spec.get("securityContext")
+    if context is None:
+        context = spec["securityContext"] = {}
+    if not isinstance(context, dict):
+        raise Refused("spec.securityContext must be an object")
+    # The token files are 0440: the application reads them through this group.
+    context.setdefault("fsGroup", UID)
+
+
+def _check_collisions(spec: Mapping[str, Any]) -> None:
+    for key in ("initContainers", "containers", "ephemeralContainers"):
+        if CONTAINER in _names(spec, key):
+            raise Refused(f"container name {CONTAINER} is already taken")
+    taken = set(_names(spec, "volumes")) & {CREDENTIALS_VOLUME, TOKEN_VOLUME}
+    if taken:
+        raise Refused(f"volume name {sorted(taken)[0]} is already taken")
+    for key in ("initContainers", "containers"):
+        for container in _objects(spec, key, "spec"):
+            for port in _objects(container, "ports", f"container {container.get('name')}"):
+                if port.get("containerPort") == PROBE_PORT:
+                    raise Refused(
+                        f"port {PROBE_PORT} (the refresher's probe port) is already declared"
+                        f" by container {container.get('name')}"
+                    )
+
+
+def _selected(apps: list[Obj], options: Options) -> list[Obj]:
+    if options.containers is None:
+        return apps
+    by_name = {str(app.get("name")): app for app in apps}
+    for name in options.containers:
+        if name not in by_name:
+            _invalid(CONTAINERS, name, "not a container of this pod")
+    return [by_name[name] for name in options.containers]
+
+
+def _check_token_path(container: Obj, token_path: str) -> None:
+    """Refuse a container that already mounts something at or under token-path.
+
+    Replacing that mount would hide the user's volume, and skipping the container
+    would leave it without a token in a pod that looks injected.
+    """
+    name = container.get("name")
+    for mount in _objects(container, "volumeMounts", f"container {name}"):
+        path = str(mount.get("mountPath", "")).rstrip("/")
+        if path == token_path or path.startswith(token_path + "/"):
+            raise Refused(
+                f"container {name} already mounts volume {mount.get('name')} at"
+                f" {mount.get('mountPath')} (annotation {PREFIX}{TOKEN_PATH}: {token_path})"
+            )
+
+
+# --- what is added --------------------------------------------------------------
+
+
+def refresher_args(options: Options) -> list[str]:
+    command = "run" if options.mode == "sidecar" else "once"
+    args = [command, "--credentials", CREDENTIALS_DIR, "--token-dir", TOKEN_DIR]
+    if options.flow != "auto":
+        args += ["--flow", options.flow]
+    if options.ims_endpoint is not None:
+        args += ["--ims-endpoint", options.ims_endpoint]
+    return args
+
+
+def _http_probe(path: str, period_s: int, failures: int) -> Obj:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period_s,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def refresher_container(options: Options, image: str) -> Obj:
+    """The init container: a native sidecar running `run`, or a classic one running `once`."""
+    container: Obj = {"name": CONTAINER, "image": image}
+    if options.mode == "sidecar":
+        container["restartPolicy"] = "Always"
+    container["args"] = refresher_args(options)
+    if options.mode == "sidecar":
+        container["ports"] = [{"name": "http", "containerPort": PROBE_PORT, "protocol": "TCP"}]
+        # Up to 5 minutes for the first token (IMS retries with backoff): the
+        # application's containers start only once this succeeds.
+        container["startupProbe"] = _http_probe("/readyz", 2, 150)
+        container["readinessProbe"] = _http_probe("/readyz", 10, 3)
+        # The refresh loop, never IMS reachability: an outage is no restart storm.
+        container["livenessProbe"] = _http_probe("/healthz", 10, 3)
+    # Sized from docs/benchmarks.md (~43 MiB steady RSS, idle CPU well under 1m).
+    container["resources"] = {
+        "requests": {"cpu": "5m", "memory": "48Mi"},
+        "limits": {"memory": "96Mi"},
+    }
+    container["securityContext"] = {
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    container["volumeMounts"] = [
+        {"name": CREDENTIALS_VOLUME, "mountPath": CREDENTIALS_DIR, "readOnly": True},
+        {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR},
+    ]
+    return container
+
+
+def volumes(options: Options) -> list[Obj]:
+    return [
+        {
+            "name": CREDENTIALS_VOLUME,
+            "secret": {"secretName": options.credentials_secret, "defaultMode": 0o440},
+        },
+        # In memory: the token never touches the node's disk; room for two snapshots.
+        {"name": TOKEN_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+    ]

@@ -1,0 +1,217 @@
+"""`refresher inject` and `refresher injector`: their flags and their composition.
+
+`cli.py` only adds these subcommands and hands them over. Nothing heavy is
+imported here at module level: PyYAML, the HTTP server and TLS load only when one
+of these two commands runs, so `refresher run` never pays for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from refresher.errors import EXIT_OK, EXIT_USAGE
+
+COMMANDS = ("inject", "injector")
+INJECTOR_LISTEN = "0.0.0.0:8443"  # the API server must reach the webhook
+_MAX_IMAGE = 512
+
+
+def _env(flag: str) -> str:
+    return "REFRESHER_" + flag.upper().replace("-", "_")
+
+
+def add_commands(commands: Any) -> None:
+    """Add the two subcommands to the CLI's subparsers (every flag reads REFRESHER_<FLAG>)."""
+    inject = commands.add_parser(
+        "inject",
+        help="add the refresher to opted-in pod templates in YAML or JSON manifests",
+        description=(
+            "Read Kubernetes objects (YAML or JSON, many documents; Pod, Deployment,"
+            " StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, List) and write them as YAML"
+            " with the refresher injected into every pod template labelled"
+            ' ims-token-refresher.io/inject: "true". Other documents pass through unchanged.'
+            " A refusal is one line on stderr naming the document, exit 2, nothing written."
+        ),
+    )
+    inject.add_argument(
+        "-f",
+        "--filename",
+        metavar="FILE",
+        help=f"the manifests; - is standard input [-] (env {_env('filename')})",
+    )
+    _image_flag(inject)
+    injector = commands.add_parser(
+        "injector",
+        help="the mutating admission webhook that injects the refresher into opted-in pods",
+        description=(
+            "HTTPS (TLS 1.2+): POST /mutate (AdmissionReview v1, JSONPatch), GET /healthz,"
+            " /readyz, /metrics. The certificate and key are reloaded when their files change."
+        ),
+    )
+    injector.add_argument(
+        "--listen",
+        metavar="ADDR",
+        help=f"HOST:PORT of the webhook [{INJECTOR_LISTEN}] (env {_env('listen')})",
+    )
+    for flag, what in (("tls-cert-file", "certificate chain"), ("tls-key-file", "private key")):
+        injector.add_argument(
+            f"--{flag}",
+            metavar="PATH",
+            help=f"PEM {what}, reloaded when the file changes (required) (env {_env(flag)})",
+        )
+    _image_flag(injector)
+    injector.add_argument(
+        "--log-format", metavar="FORMAT", help=f"json or text [json] (env {_env('log-format')})"
+    )
+    injector.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help=f"debug, info, warning or error [info] (env {_env('log-level')})",
+    )
+
+
+def _image_flag(parser: argparse.ArgumentParser) -> None:
+    from refresher.inject.pod import DEFAULT_IMAGE  # noqa: PLC0415 - constants only
+
+    parser.add_argument(
+        "--image",
+        metavar="IMAGE",
+        help=f"the refresher image to inject [{DEFAULT_IMAGE}] (env {_env('image')})",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `inject` or `injector`; every failure is one line on stderr with its exit code."""
+    try:
+        image = _image(args.image)
+        if args.command == "inject":
+            return inject_command(args.filename or "-", image, sys.stdin, sys.stdout)
+        return _injector(args, image)
+    except UsageError as exc:
+        print(f"refresher: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _injector(args: argparse.Namespace, image: str) -> int:
+    del args, image
+    raise UsageError("refresher injector: not available in this build yet")
+
+
+class UsageError(Exception):
+    """Bad input or flags: one line, exit 2."""
+
+
+def _image(text: str | None) -> str:
+    from refresher.inject.pod import DEFAULT_IMAGE  # noqa: PLC0415
+
+    if text is None:
+        return DEFAULT_IMAGE
+    if not text or len(text) > _MAX_IMAGE or any(c.isspace() or not c.isprintable() for c in text):
+        raise UsageError("--image must be an image reference (no spaces)")
+    return text
+
+
+# --- inject ---------------------------------------------------------------------
+
+
+def inject_command(source: str, image: str, stdin: IO[str], stdout: IO[str]) -> int:
+    from refresher.inject import inject_documents  # noqa: PLC0415
+
+    documents = load_documents(_read(source, stdin), "standard input" if source == "-" else source)
+    injected, report = inject_documents(documents, image=image)
+    for hint in report.hints:
+        print(f"refresher: warning: {hint}", file=sys.stderr)
+    if report.refused:
+        # Nothing on stdout: half a pipeline's manifests must never reach `kubectl apply`.
+        for line in report.refused:
+            print(f"refresher: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    stdout.write(dump_documents(injected))
+    return EXIT_OK
+
+
+def _read(source: str, stdin: IO[str]) -> str:
+    if source == "-":
+        try:
+            return stdin.read()
+        except UnicodeDecodeError:
+            raise UsageError("standard input is not UTF-8 text") from None
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"-f {source}: not UTF-8 text") from None
+    except OSError as exc:
+        raise UsageError(f"-f {source}: {exc.strerror or type(exc).__name__}") from None
+
+
+def load_documents(text: str, source: str) -> list[Any]:
+    """The documents of a YAML or JSON stream (empty ones dropped), or `UsageError`."""
+    import yaml  # noqa: PLC0415 - only inject reads YAML
+
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            return [json.loads(text)]
+        except ValueError:
+            pass  # YAML flow style looks the same: let the YAML parser decide
+    try:
+        documents = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        # The problem and its place only: the context would quote the input (maybe a Secret).
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise UsageError(f"{source}: not valid YAML or JSON: {problem}{where}") from None
+    except RecursionError:
+        raise UsageError(f"{source}: nested too deeply") from None
+    return [document for document in documents if document is not None]
+
+
+class _Octal(int):
+    """A file mode, written the way people read it (0440, not 288)."""
+
+
+_MODE_KEYS = frozenset({"defaultMode", "mode"})
+
+
+def _octal_modes(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_octal_modes(item) for item in node]
+    if isinstance(node, dict):
+        return {
+            key: _Octal(value)
+            if key in _MODE_KEYS and type(value) is int and 0 <= value <= 0o777
+            else _octal_modes(value)
+            for key, value in node.items()
+        }
+    return node
+
+
+def dump_documents(documents: list[Any]) -> str:
+    """YAML, kubectl's way: keys in their order, scripts as block scalars, modes in octal."""
+    import yaml  # noqa: PLC0415
+
+    def represent_str(dumper: Any, data: str) -> Any:
+        # The emitter falls back to quoting when a block scalar cannot hold the text exactly.
+        style = "|" if "\n" in data else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+    def represent_octal(dumper: Any, data: _Octal) -> Any:
+        # YAML 1.1 (PyYAML, and kubectl's parser) reads a leading 0 as octal.
+        return dumper.represent_scalar("tag:yaml.org,2002:int", f"0{int(data):o}")
+
+    dumper: Any = type("Dumper", (yaml.SafeDumper,), {})
+    dumper.add_representer(str, represent_str)
+    dumper.add_representer(_Octal, represent_octal)
+    return str(
+        yaml.dump_all(
+            [_octal_modes(document) for document in documents],
+            Dumper=dumper,
+            sort_keys=False,
+            default_flow_style=False,
+            width=1 << 16,
+        )
+    )
