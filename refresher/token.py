@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+MAX_LIFETIME = timedelta(hours=48)
+"""The longest lifetime we hold a token for; IMS issues 24 h. A published or shared token
+claiming more was not written by us and is not adopted."""
+
+# Clocks of replicas (and of whoever wrote a published token) drift a little; more than
+# this in the future is a forgery or a broken clock, not skew.
+_ISSUED_SLACK = timedelta(seconds=5)
+
 
 def rfc3339(instant: datetime) -> str:
     """RFC 3339 UTC with a `Z`, to the second (what `expires_at` files hold)."""
@@ -46,6 +54,16 @@ class AccessToken:
 
     def is_valid(self, now: datetime) -> bool:
         return now < self.expires_at
+
+    def is_plausible(self, now: datetime) -> bool:
+        """Could IMS have issued this, as we recorded it? The one adoption rule for every
+        sink: issued not after `now` (give or take a few seconds of skew), expiring after
+        it was issued, and living no longer than `MAX_LIFETIME`."""
+        return (
+            self.issued_at <= now + _ISSUED_SLACK
+            and self.expires_at > self.issued_at
+            and self.lifetime <= MAX_LIFETIME
+        )
 
     def remaining_s(self, now: datetime) -> float:
         return (self.expires_at - now).total_seconds()
