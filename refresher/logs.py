@@ -8,6 +8,7 @@ the formatted traceback, at every level.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -16,6 +17,7 @@ import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
+from urllib.parse import quote, quote_plus
 
 REDACTED = "<redacted>"
 
@@ -23,6 +25,18 @@ REDACTED = "<redacted>"
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _PEM = re.compile(r"-----BEGIN [A-Z ]+-----.*?(-----END [A-Z ]+-----|$)", re.DOTALL)
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})))
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-F]{2}")
+
+# Secrets of this length or more are redacted wherever they occur, even inside a longer
+# word: a long random string there is that secret, not a coincidence. Shorter ones are
+# redacted too, but only where they stand alone (not inside a longer run of letters and
+# digits): replacing a 1-3 character secret inside words would shred every log line, and
+# the holes would spell the secret out. Standing alone is how an echo shows it anyway (a
+# form field `client_secret=abc&`, a JSON string `"abc"`). The limit of that rule: a
+# secret that short is guessable whatever we log, and a standalone `1` still redacts an
+# exit code; real client secrets and tokens are tens of characters long.
+_SUBSTRING_MIN = 8
+_ALONE = "(?<![A-Za-z0-9]){}(?![A-Za-z0-9])"
 
 
 class SecretRegistry:
@@ -41,8 +55,7 @@ class SecretRegistry:
         self._values: tuple[str, ...] = ()
 
     def add(self, *values: str) -> None:
-        # Very short strings would redact ordinary words; real secrets are long.
-        fresh = [v for v in values if v and len(v) >= 8]
+        fresh = [v for v in values if v]  # short ones too: see _SUBSTRING_MIN
         if not fresh:
             return
         with self._lock:
@@ -58,12 +71,42 @@ class SecretRegistry:
 
 
 def redact(text: str, values: Sequence[str] = ()) -> str:
-    """`text` without JWTs, PEM blocks, or any of `values` (each at least 8 characters)."""
+    """`text` without JWTs, PEM blocks, or any of `values`, also URL-encoded or JSON-escaped
+    (how a form field or a JSON body echoes it back)."""
     text = _JWT.sub(REDACTED, _PEM.sub(REDACTED, text))
-    for value in values:
-        if len(value) >= 8 and value in text:
-            text = text.replace(value, REDACTED)
+    for form, alone in _matchers(tuple(values)):
+        if form in text:  # the cheap test first: most lines hold no secret
+            text = text.replace(form, REDACTED) if alone is None else alone.sub(REDACTED, text)
     return text
+
+
+@functools.lru_cache(maxsize=256)
+def _forms(value: str) -> frozenset[str]:
+    """`value` as it may appear in a log line: raw, percent-encoded (`quote`, `quote_plus`,
+    upper- or lower-case hex) and JSON-escaped (with or without `\\/`, ASCII or not)."""
+    escaped = {json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
+    escaped |= {form.replace("/", "\\/") for form in escaped}
+    encoded = {quote(value, safe=""), quote(value), quote_plus(value), quote_plus(value, safe="/")}
+    encoded |= {_PERCENT_ESCAPE.sub(lambda m: m.group().lower(), form) for form in encoded}
+    return frozenset({value, *escaped, *encoded})
+
+
+@functools.lru_cache(maxsize=64)
+def _matchers(values: tuple[str, ...]) -> tuple[tuple[str, re.Pattern[str] | None], ...]:
+    """(form, None) for a substring match, (form, pattern) for a short secret that must
+    stand alone; longest first, so a secret containing another is replaced whole."""
+    alone: dict[str, bool] = {}
+    for value in values:
+        if not value:
+            continue
+        short = len(value) < _SUBSTRING_MIN
+        for form in _forms(value):
+            alone[form] = alone.get(form, True) and short
+    ordered = sorted(alone, key=len, reverse=True)
+    return tuple(
+        (form, re.compile(_ALONE.format(re.escape(form))) if alone[form] else None)
+        for form in ordered
+    )
 
 
 def _scrub_value(value: object, registry: SecretRegistry) -> object:

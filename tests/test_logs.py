@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from refresher.logs import REDACTED, SecretRegistry, setup_logging
+from refresher.logs import REDACTED, SecretRegistry, redact, setup_logging
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ0ZWNoYWNjdCJ9.c2lnbmF0dXJlLXZhbHVl"
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEow...\n-----END RSA PRIVATE KEY-----"
@@ -82,11 +82,61 @@ def test_text_format(capture: tuple[io.StringIO, SecretRegistry]) -> None:
     assert line.endswith("published sink=file")
 
 
-def test_short_values_are_not_registered() -> None:
-    """Values under 8 characters are not treated as secrets (they would redact words)."""
+@pytest.mark.parametrize(
+    "echo",
+    [
+        "client_secret=S3cr3t%2BVal%2Fue%3D%3D&grant_type=x",  # quote_plus (a form body)
+        "client_secret=S3cr3t%2bVal%2fue%3d%3d",  # lower-case hex
+        "/token?secret=S3cr3t%2BVal/ue%3D%3D",  # quote, '/' safe
+        '{"client_secret": "S3cr3t+Val\\/ue=="}',  # JSON with an escaped slash
+        "S3cr3t+Val/ue==",
+    ],
+)
+def test_url_encoded_and_json_escaped_forms_are_redacted(echo: str) -> None:
+    """A secret echoed back form-encoded or JSON-escaped is redacted like the raw value."""
     registry = SecretRegistry()
-    registry.add("abc")
-    assert registry.scrub("abc def") == "abc def"
+    registry.add("S3cr3t+Val/ue==")
+    scrubbed = registry.scrub(echo)
+    assert REDACTED in scrubbed
+    assert "S3cr3t" not in scrubbed
+
+
+def test_json_escaped_quote_and_unicode_are_redacted() -> None:
+    """Characters JSON escapes (a quote, a backslash, non-ASCII) do not hide the secret."""
+    secret = 'sécret"with\\escapes'
+    for text in (json.dumps(secret), json.dumps(secret, ensure_ascii=False)):
+        assert redact(text, [secret]) == f'"{REDACTED}"'
+
+
+def test_short_secrets_are_redacted_where_they_stand_alone() -> None:
+    """A secret under 8 characters is redacted as a whole field or word, raw or encoded,
+    but not inside longer words or numbers (that would shred every line and spell it out)."""
+    registry = SecretRegistry()
+    registry.add("ab+1", "7")
+    assert registry.scrub("client_secret=ab%2B1&scope=x") == f"client_secret={REDACTED}&scope=x"
+    assert registry.scrub('{"secret": "ab+1"}') == f'{{"secret": "{REDACTED}"}}'
+    assert registry.scrub("secret=7&exit 17 took 0.7s") == f"secret={REDACTED}&exit 17 took 0.7s"
+    assert registry.scrub("xab+1y") == "xab+1y"
+
+
+def test_a_long_secret_is_redacted_inside_other_text() -> None:
+    """From 8 characters on, a secret is redacted wherever it occurs, even inside a word."""
+    assert redact("prefixLongSecret1suffix", ["LongSecret1"]) == f"prefix{REDACTED}suffix"
+
+
+def test_redaction_through_the_log_filter_covers_encoded_forms(
+    capture: tuple[io.StringIO, SecretRegistry],
+) -> None:
+    """The logging filter uses the same rule: a form-encoded echo never reaches a line."""
+    stream, registry = capture
+    registry.add("S3cr3t+Val/ue==")
+    logging.getLogger("refresher.test").warning(
+        "IMS said %s",
+        "client_secret=S3cr3t%2BVal%2Fue%3D%3D",
+        extra={"body": "S3cr3t%2BVal%2Fue%3D%3D"},
+    )
+    assert "S3cr3t" not in stream.getvalue()
+    assert stream.getvalue().count(REDACTED) == 2
 
 
 def test_registry_is_bounded_but_keeps_what_is_re_added() -> None:
