@@ -241,8 +241,7 @@ class Emulator:
         self.dir = bench.path(f"emulator-{token_ttl_s:g}")
         port_file = self.dir / "port"
         self.dir.mkdir()
-        # bench/emulator.py: this tree's emulator, plus TCP_NODELAY (see there).
-        argv = [str(PYTHON), str(BENCH / "emulator.py"), "--port", "0"]
+        argv = [str(PYTHON), "-m", "ims_emulator", "--port", "0"]
         argv += ["--port-file", str(port_file), "--write-credentials", str(self.dir / "creds")]
         argv += ["--token-ttl", f"{token_ttl_s:g}"]
         # This tree's emulator whatever BENCH_SRC says: the reference stays the same.
@@ -1130,10 +1129,9 @@ def render_doc(results: Results, rows: list[Row], meta: dict[str, Any], plan: Pl
         f"Flat means: CPU per cycle of the last window <= 1.1x the first, RSS growth <= 1 MiB.",
         "- Every process is what a pod runs: the refresher with its defaults (JSON logs at "
         "info, probes served, here on 127.0.0.1:0); the floor and the Node peer re-read the "
-        "credentials file on every cycle too. The emulator is started through "
-        "`bench/emulator.py`, which only adds TCP_NODELAY to its connections: without it each "
-        "exchange on a kept-alive connection stalls ~40 ms (Nagle + delayed ACK), which IMS "
-        "does not do; CPU figures do not depend on it, loop wall times do.",
+        "credentials file on every cycle too. The emulator sets TCP_NODELAY on its connections: "
+        "without it each exchange on a kept-alive connection stalls ~40 ms (Nagle + delayed "
+        "ACK), which IMS does not do; CPU figures do not depend on it, loop wall times do.",
         "- Other work shared this 2-CPU machine (see the load average): wall times are the "
         "noisiest figures; CPU time and memory much less so.",
         "",
@@ -1158,8 +1156,8 @@ def _commands(bench: Bench) -> list[str]:
     out = Path("OUT")
     lines = [
         "make bench                                   # = .venv/bin/python bench/run.py",
-        "python bench/emulator.py --port 0 --port-file F --write-credentials CREDS --token-ttl S"
-        "   # = refresher emulator ..., plus TCP_NODELAY",
+        "python -m ims_emulator --port 0 --port-file F --write-credentials CREDS --token-ttl S"
+        "   # = refresher emulator ...",
         shlex.join(floor_argv(None)(emu, out)).replace(str(ROOT) + "/", ""),
         shlex.join(floor_argv(1.5)(emu, out)).replace(str(ROOT) + "/", ""),
     ]

@@ -136,9 +136,9 @@ def _env_name(flag: str) -> str:
     return ENV_PREFIX + flag.upper().replace("-", "_")
 
 
-def build_parser(*, with_emulator: bool = True) -> argparse.ArgumentParser:
-    """The whole CLI. The emulator's flags are added only when needed: importing the
-    emulator (an HTTP server, TLS, certificate generation) would slow every start."""
+def build_parser() -> argparse.ArgumentParser:
+    """The whole CLI. `emulator` is only listed here: run_cli hands its arguments to the
+    `ims_emulator` package, which has its own flags and reads IMS_EMULATOR_*."""
     parser = _Parser(
         prog="refresher",
         description="Keeps an Adobe IMS access token fresh for the application next to it.",
@@ -166,18 +166,11 @@ def build_parser(*, with_emulator: bool = True) -> argparse.ArgumentParser:
     from refresher import inject_cli  # noqa: PLC0415 - argparse only; YAML and TLS load on use
 
     inject_cli.add_commands(commands)
-    emulator_parser = commands.add_parser(
+    commands.add_parser(
         "emulator",
-        add_help=with_emulator,
-        help="a local Adobe IMS emulator for demos and tests",
-        description=(
-            "A local Adobe IMS emulator: both token endpoints, real checks, fault injection."
-        ),
+        add_help=False,
+        help="a local Adobe IMS emulator for demos and tests (see `refresher emulator --help`)",
     )
-    if with_emulator:
-        from refresher import emulator  # noqa: PLC0415 - its flags only; no client code inside
-
-        emulator.add_arguments(emulator_parser)
     return parser
 
 
@@ -200,9 +193,6 @@ def _apply_env(
 ) -> None:
     """Flags missing from argv take their `REFRESHER_*` value (argparse defaults)."""
     unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in _known_env(parser))
-    if unknown and not parser_has_emulator(parser):
-        # Maybe an emulator flag (REFRESHER_PORT ...): ask the full parser before failing.
-        unknown = [k for k in unknown if k not in _known_env(build_parser())]
     if unknown:
         raise ConfigError(f"unknown environment variable(s) {', '.join(unknown)}: no such flag")
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -225,13 +215,6 @@ def _apply_env(
                 sub_action.default = sub_action.type(value) if callable(sub_action.type) else value
 
 
-def parser_has_emulator(parser: argparse.ArgumentParser) -> bool:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return bool(action.choices["emulator"]._actions[1:])
-    return False
-
-
 def _raw(args: argparse.Namespace, flags: list[Flag]) -> dict[str, str | None]:
     raw: dict[str, str | None] = {}
     for flag in flags:
@@ -249,7 +232,13 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 def run_cli(argv: list[str], environ: dict[str, str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(with_emulator=command == "emulator")
+    if command == "emulator":
+        # A program of its own (it shares no code with the client): imported only here.
+        from ims_emulator.cli import main as emulator_main  # noqa: PLC0415
+
+        rest = argv[argv.index("emulator") + 1 :]
+        return emulator_main(rest, environ, prog="refresher emulator")
+    parser = build_parser()
     try:
         _apply_env(parser, argv, environ)
     except ConfigError as exc:
@@ -259,10 +248,6 @@ def run_cli(argv: list[str], environ: dict[str, str]) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if args.command == "emulator":
-        from refresher import emulator  # noqa: PLC0415
-
-        return emulator.run(args)
     try:
         return _dispatch(args, environ)
     except RefresherError as exc:
@@ -293,16 +278,23 @@ def _dispatch(args: argparse.Namespace, environ: dict[str, str]) -> int:
 
 
 def _check(settings: object) -> int:
-    from refresher.clock import SystemClock  # noqa: PLC0415
-    from refresher.config import Settings, ims_base_url  # noqa: PLC0415
-    from refresher.credentials import load_credentials  # noqa: PLC0415
+    from refresher.clock import EventSleeper, SystemClock  # noqa: PLC0415
+    from refresher.config import Settings, ims_base_url, plain_http_problem  # noqa: PLC0415
+    from refresher.credentials import load_settled  # noqa: PLC0415
+    from refresher.errors import CredentialsError  # noqa: PLC0415
 
     assert isinstance(settings, Settings)  # noqa: S101
-    credentials = load_credentials(settings.credentials, flow=settings.flow)
+    # Settled: content that stays half-written-looking is broken (exit 2 within ~1 s).
+    credentials = load_settled(settings.credentials, flow=settings.flow, wait=EventSleeper().sleep)
     summary = credentials.summary()
     base = ims_base_url(settings.ims.endpoint or credentials.ims_endpoint)
-    if base.startswith("http://") and not settings.ims.allow_insecure_http:
-        raise ConfigError(f"IMS endpoint {base} is plain HTTP: pass --allow-insecure-http")
+    problem = plain_http_problem(
+        base,
+        allow_insecure_http=settings.ims.allow_insecure_http,
+        origin="the IMS endpoint" if settings.ims.endpoint else "imsEndpoint",
+    )
+    if problem is not None:  # the same words and exit code as `once` and `run`
+        raise CredentialsError(problem, source=credentials.source)
     lines: list[tuple[str, object]] = [("flow", credentials.flow), ("ims", base)]
     lines += [
         (k, v)
@@ -405,7 +397,7 @@ def _serve(command: str, settings: object, environ: dict[str, str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     if command == "once":
         try:
-            return service.once()
+            return _run_loop(service, None, wake_main, once=True)
         finally:
             client.close()
     server = None
@@ -423,13 +415,24 @@ def _serve(command: str, settings: object, environ: dict[str, str]) -> int:
     return _run_loop(service, server, wake_main)
 
 
-def _run_loop(service: object, server: object, wake_main: threading.Event) -> int:
-    """Run the loop in a worker thread; the main thread waits for it or for a signal.
+# After a signal: how long the main thread waits for the worker, then for a publish in
+# progress; together well inside 2 s and Kubernetes' default 30 s grace period.
+_JOIN_GRACE_S = 1.0
+_PUBLISH_GRACE_S = 0.8
+
+
+def _run_loop(
+    service: object, server: object, wake_main: threading.Event, *, once: bool = False
+) -> int:
+    """Run `run` (or `once`) in a worker thread; the main thread waits for it or a signal.
 
     On a signal the loop's sleep ends at once; an exchange in flight may take up to its
-    read timeout, so the main thread waits at most ~1 s, then lets any publish in
-    progress finish (the publish lock) and exits 0, leaving the token in place: well
-    inside 2 s, and far inside Kubernetes' default 30 s grace period.
+    deadline, so the main thread waits at most ~1 s for the worker, then for a publish
+    in progress (the publish lock, which it then keeps, so that no publish starts after
+    it) and exits, leaving the token in place. `once` runs the same way, so an exchange
+    stuck on a trickling IMS cannot delay SIGTERM either; it exits 0 only if its token
+    is published. Its --retry-timeout is enforced here too, as a backstop: past it
+    (plus the settle moment and the grace), with no token published, it stops, exit 1.
     """
     from refresher.server import ProbeServer  # noqa: PLC0415
     from refresher.service import Service  # noqa: PLC0415
@@ -439,7 +442,7 @@ def _run_loop(service: object, server: object, wake_main: threading.Event) -> in
 
     def target() -> None:
         try:
-            outcome.append(service.run())
+            outcome.append(service.once() if once else service.run())
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             outcome.append(exc)
         finally:
@@ -449,16 +452,24 @@ def _run_loop(service: object, server: object, wake_main: threading.Event) -> in
     worker.start()
     # No polling: the main thread sleeps until the loop ends or a signal handler (which
     # runs in this thread, interrupting the wait) sets the event. Idle costs nothing.
+    backstop = service.settings.schedule.retry_timeout_s + 2 * _JOIN_GRACE_S if once else None
+    if not wake_main.wait(backstop) and not service.published:
+        log.error("--retry-timeout passed without a published token: stopping")
+        service.stop()
     wake_main.wait()
     if service.stopping:
-        worker.join(1.0)
-        with service.publish_lock:
-            pass  # a publish in progress completes before we exit
+        worker.join(_JOIN_GRACE_S)
+        if not service.publish_lock.acquire(timeout=_PUBLISH_GRACE_S):
+            log.warning("a publish is still in progress; exiting (each sink swaps atomically)")
     if service.notifier is not None:
         service.notifier.close()  # a hung --on-refresh hook must not outlive us
     if isinstance(server, ProbeServer):
         server.close()
+    if not outcome and once:
+        return EXIT_OK if service.published else EXIT_RUNTIME
     result = outcome[0] if outcome else EXIT_OK
+    if once and isinstance(result, RefresherError):
+        raise result  # reported by run_cli as one line, like every other error
     if isinstance(result, RefresherError):
         log.error("%s", result)
         return result.exit_code

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from refresher.emulator import AEM_CREDENTIALS_FILE, OAUTH_CREDENTIALS_FILE, Emulator
+from ims_emulator import AEM_CREDENTIALS_FILE, OAUTH_CREDENTIALS_FILE, Emulator
 
 REPO = Path(__file__).resolve().parent.parent
 JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")

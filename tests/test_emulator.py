@@ -28,14 +28,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from refresher.emulator import (
+from ims_emulator import (
     AEM_CREDENTIALS_FILE,
     CA_FILE,
     OAUTH_CREDENTIALS_FILE,
     Emulator,
-    add_arguments,
     write_credentials,
 )
+from ims_emulator.cli import add_arguments
+from ims_emulator.control import is_loopback
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 5  # seconds; every request in this file is answered in milliseconds
@@ -242,28 +243,42 @@ STRANGER = object()  # sign with a key that matches no registered certificate
 OWN = "{base}/s/ent_aem_cloud_api"  # the metascope claim the client is granted
 HS256_TOKEN = jwt.encode({"iss": "someone@AdobeOrg"}, "k" * 64, algorithm="HS256")
 
-JWT_REJECTIONS: list[tuple[str, dict[str, Any], dict[str, Any], int, str]] = [
-    # (case, claims to change ("{base}" is filled in), request changes, status, IMS error)
-    ("wrong secret", {}, {"secret": "p8e-not-the-secret"}, 401, "invalid_client"),
-    ("unknown client", {}, {"client_id": "no-such-client"}, 401, "invalid_client"),
-    ("key does not match the certificate", {}, {"key": STRANGER}, 400, "invalid_token"),
-    ("not a JWT", {}, {"token": "not.a.jwt"}, 400, "invalid_token"),
-    ("HS256", {}, {"token": HS256_TOKEN}, 400, "invalid_token"),
-    ("missing jwt_token", {}, {"token": ""}, 400, "bad_request"),
-    ("wrong aud", {"aud": "https://ims-na1.adobelogin.com/c/x"}, {}, 400, "invalid_token"),
-    ("float exp", {"exp": AheadFloat(300)}, {}, 400, "invalid_token"),
-    ("expired exp", {"exp": Ahead(-10)}, {}, 400, "invalid_token"),
-    ("exp over 24 h ahead", {"exp": Ahead(25 * 3600)}, {}, 400, "invalid_token"),
-    ("no exp", {"exp": DROP}, {}, 400, "invalid_token"),
-    ("wrong iss", {"iss": "0000@AdobeOrg"}, {}, 400, "invalid_token"),
-    ("wrong sub", {"sub": "0000@techacct.adobe.com"}, {}, 400, "invalid_token"),
-    ("no metascope", {OWN: DROP}, {}, 400, "invalid_scope"),
+SIGNATURE = "Could not match JWT signature to any of the bindings"
+NOT_SUBSET = "The metascopes in the JWT are not a subset of the metascopes in the binding"
+MALFORMED = "JWT token is incorrectly formatted, and can not be decoded."
+EXPIRED = "JWT token is expired"
+NOT_YET = "JWT token is not yet valid"
+
+JWT_REJECTIONS: list[tuple[str, dict[str, Any], dict[str, Any], int, str, str | None]] = [
+    # (case, claims to change ("{base}" is filled in), request changes, status, IMS error,
+    #  IMS's exact error_description where it is one users meet and the client's hints match)
+    ("wrong secret", {}, {"secret": "p8e-not-the-secret"}, 401, "invalid_client",
+     "invalid client_secret parameter"),
+    ("unknown client", {}, {"client_id": "no-such-client"}, 400, "invalid_client", None),
+    ("key does not match the certificate", {}, {"key": STRANGER}, 400, "invalid_token",
+     SIGNATURE),
+    ("not a JWT", {}, {"token": "not.a.jwt"}, 400, "invalid_token", MALFORMED),
+    ("HS256", {}, {"token": HS256_TOKEN}, 400, "invalid_token", MALFORMED),
+    ("missing jwt_token", {}, {"token": ""}, 400, "bad_request", None),
+    ("wrong aud", {"aud": "https://ims-na1.adobelogin.com/c/x"}, {}, 400, "invalid_client", None),
+    ("float exp", {"exp": AheadFloat(300)}, {}, 400, "invalid_token", MALFORMED),
+    ("expired exp", {"exp": Ahead(-10)}, {}, 400, "invalid_token", EXPIRED),
+    ("nbf ahead", {"nbf": Ahead(600)}, {}, 400, "invalid_token", NOT_YET),
+    ("iat ahead", {"iat": Ahead(600)}, {}, 400, "invalid_token", NOT_YET),
+    ("exp over 24 h 10 min ahead", {"exp": Ahead(87_400)}, {}, 400, "invalid_token", None),
+    ("exp - iat over 87,300 s", {"iat": Ahead(-200), "exp": Ahead(87_200)}, {}, 400,
+     "invalid_token", None),
+    ("no exp", {"exp": DROP}, {}, 400, "invalid_token", MALFORMED),
+    ("wrong iss", {"iss": "0000@AdobeOrg"}, {}, 400, "invalid_token", None),
+    ("wrong sub", {"sub": "0000@techacct.adobe.com"}, {}, 400, "invalid_token", None),
+    ("no metascope", {OWN: DROP}, {}, 400, "invalid_scope", None),
     (
         "ungranted metascope",
         {OWN: DROP, "{base}/s/ent_analytics_bulk_ingest_sdk": True},
         {},
         400,
         "invalid_scope",
+        NOT_SUBSET,
     ),
     (
         "metascope of another IMS host",
@@ -271,9 +286,10 @@ JWT_REJECTIONS: list[tuple[str, dict[str, Any], dict[str, Any], int, str]] = [
         {},
         400,
         "invalid_scope",
+        NOT_SUBSET,
     ),
-    ("metascope claim not true", {OWN: "yes"}, {}, 400, "invalid_scope"),
-]
+    ("metascope claim not true", {OWN: "yes"}, {}, 400, "invalid_scope", NOT_SUBSET),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -282,10 +298,10 @@ JWT_REJECTIONS: list[tuple[str, dict[str, Any], dict[str, Any], int, str]] = [
 def test_jwt_exchange_rejects_like_ims(
     ims: Emulator,
     stranger_key: rsa.RSAPrivateKey,
-    case: tuple[dict[str, Any], dict[str, Any], int, str],
+    case: tuple[dict[str, Any], dict[str, Any], int, str, str | None],
 ) -> None:
-    """Each malformed or unauthorised JWT exchange gets IMS's status, error code and debug id."""
-    claims, request_changes, status, error = case
+    """Each malformed or unauthorised JWT exchange gets IMS's status, error, text and debug id."""
+    claims, request_changes, status, error, description = case
     aem = aem_of(ims)
     now = int(time.time())
     resolved: dict[str, Any] = {}
@@ -302,6 +318,8 @@ def test_jwt_exchange_rejects_like_ims(
     response = post_jwt(ims.base_url, aem, token, **changes)
 
     assert_ims_error(response, status, error)
+    if description is not None:
+        assert response.json()["error_description"] == description
     assert ims.stats()["rejected"] == {error: 1}
 
 
@@ -311,6 +329,7 @@ OAUTH_REJECTIONS: list[tuple[str, dict[str, Any], int, str]] = [
     ("space-separated scopes", {"scope": "openid AdobeID"}, 400, "invalid_scope"),
     ("bad grant", {"grant_type": "password"}, 400, "unsupported_grant_type"),
     ("wrong secret", {"secret": "p8e-not-the-secret"}, 401, "invalid_client"),
+    ("unknown client", {"client_id": "no-such-client"}, 400, "invalid_client"),
 ]
 
 
@@ -342,7 +361,7 @@ def test_each_flow_refuses_a_client_not_enabled_for_it(ims: Emulator) -> None:
 
 
 def test_jwt_exchange_refuses_an_expired_certificate(ims: Emulator, tmp_path: Path) -> None:
-    """A JWT signed by the key of an expired certificate binding is 400 invalid_token."""
+    """An expired certificate binding is no binding: IMS's "Could not match JWT signature"."""
     files = write_credentials(tmp_path, ims_endpoint=ims.endpoint, cert_days=-1)
     aem = json.loads(files["aem"].read_text())["integration"]
     ims.register_client(
@@ -353,7 +372,9 @@ def test_jwt_exchange_refuses_an_expired_certificate(ims: Emulator, tmp_path: Pa
         technical_account_id=aem["id"],
         metascopes=aem["metascopes"],
     )
-    assert_ims_error(post_jwt(ims.base_url, aem), 400, "invalid_token")
+    response = post_jwt(ims.base_url, aem)
+    assert_ims_error(response, 400, "invalid_token")
+    assert response.json()["error_description"] == SIGNATURE
 
 
 def test_only_form_posts_reach_the_token_endpoints(ims: Emulator) -> None:
@@ -512,6 +533,8 @@ def test_stats_count_requests_issued_rejections_and_faults(ims: Emulator) -> Non
         "faults": {"503": 1},
         "down": False,
         "queued_faults": 0,
+        "org_ids": {},
+        "clock_offset_seconds": 0.0,
     }
     ims.reset_stats()
     assert ims.stats()["requests"] == {"jwt": 0, "oauth": 0}
@@ -565,7 +588,7 @@ def test_control_api_registers_a_client_and_revokes_one_secret(
     control = ims.base_url + "/__emulator/clients"
     typo = {**register, "client_secret": old}
     assert_ims_error(requests.post(control, json=typo, timeout=TIMEOUT), 400, "bad_request")
-    assert_ims_error(post_jwt(ims.base_url, aem), 401, "invalid_client")  # nothing registered
+    assert_ims_error(post_jwt(ims.base_url, aem), 400, "invalid_client")  # nothing registered
     assert requests.post(control, json=register, timeout=TIMEOUT).status_code == 200
     assert post_jwt(ims.base_url, aem, secret=old).status_code == 200
     assert post_jwt(ims.base_url, aem, secret=new).status_code == 200
@@ -578,10 +601,9 @@ def test_control_api_registers_a_client_and_revokes_one_secret(
 
 def test_control_api_answers_loopback_peers_only() -> None:
     """The control API's peer check admits 127.0.0.0/8 and ::1 (also v4-mapped), nothing else."""
-    from refresher.emulator import _is_loopback  # the check itself: no second interface here
-
-    assert all(map(_is_loopback, ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"]))
-    assert not any(map(_is_loopback, ["10.0.0.1", "192.168.1.2", "::ffff:10.0.0.1", "fe80::1"]))
+    # The check itself: there is no second interface here to test it from outside.
+    assert all(map(is_loopback, ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"]))
+    assert not any(map(is_loopback, ["10.0.0.1", "192.168.1.2", "::ffff:10.0.0.1", "fe80::1"]))
 
 
 def test_stopped_emulator_stops_answering_even_on_kept_alive_connections(tmp_path: Path) -> None:
@@ -689,7 +711,7 @@ def _wait_for_port(port_file: Path, process: subprocess.Popen[str]) -> int:
 
 def _emulator_process(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "refresher.emulator", *args],
+        [sys.executable, "-m", "ims_emulator", *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -698,7 +720,7 @@ def _emulator_process(*args: str) -> subprocess.Popen[str]:
 
 
 def test_subprocess_serves_on_a_free_port_and_exits_0_on_sigterm(tmp_path: Path) -> None:
-    """`python -m refresher.emulator --port 0 --port-file` serves, logs safely, stops on SIGTERM."""
+    """`python -m ims_emulator --port 0 --port-file` serves, logs safely, stops on SIGTERM."""
     creds, port_file = tmp_path / "creds", tmp_path / "port"
     process = _emulator_process(
         "--write-credentials", str(creds), "--port", "0", "--port-file", str(port_file)
@@ -744,7 +766,7 @@ def test_subprocess_serves_on_a_free_port_and_exits_0_on_sigterm(tmp_path: Path)
 def test_credentials_dir_without_files_is_a_usage_error(tmp_path: Path) -> None:
     """--credentials-dir on an empty directory exits 2 with a message, not a traceback."""
     result = subprocess.run(
-        [sys.executable, "-m", "refresher.emulator", "--credentials-dir", str(tmp_path)],
+        [sys.executable, "-m", "ims_emulator", "--credentials-dir", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -785,7 +807,7 @@ def test_add_arguments_gives_every_flag_a_help_text() -> None:
     assert all(action.help for action in flags)
     args = parser.parse_args(["--fault", "503", "--fault", "429", "--fault-mix", "drop,delay"])
     assert args.fault == ["503", "429"]
-    assert args.fault_mix == ["drop", "delay"]
+    assert args.fault_mix == ("drop", "delay")
 
 
 # ---------------------------------------------------------------- secrets stay out of logs
@@ -795,7 +817,7 @@ def test_request_log_lines_carry_outcome_and_debug_id_but_no_secret(
     ims: Emulator, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One log line per request with method, path, outcome and debug id; never a secret."""
-    caplog.set_level(logging.DEBUG, logger="refresher.emulator")
+    caplog.set_level(logging.DEBUG, logger="ims_emulator")
     aem = aem_of(ims)
     token = assertion(ims.base_url, aem)
     good = post_jwt(ims.base_url, aem, token)

@@ -31,9 +31,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ims_emulator import AEM_CREDENTIALS_FILE, OAUTH_CREDENTIALS_FILE
 from refresher.config import ImsSettings
 from refresher.credentials import Credentials, load_credentials
-from refresher.emulator import AEM_CREDENTIALS_FILE, OAUTH_CREDENTIALS_FILE
 from refresher.errors import ExchangeError
 from refresher.ims import MAX_BODY_BYTES, MAX_RETRY_AFTER_S, ImsClient, parse_retry_after
 

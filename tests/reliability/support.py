@@ -27,7 +27,7 @@ from typing import Any
 import jwt
 from prometheus_client.parser import text_string_to_metric_families
 
-from refresher.emulator import AEM_CREDENTIALS_FILE, OAUTH_CREDENTIALS_FILE, Emulator
+from ims_emulator import AEM_CREDENTIALS_FILE, OAUTH_CREDENTIALS_FILE, Emulator
 from tests.conftest import Harness, secret_values
 
 PUBLISHED = ("access_token", "expires_at", "token.json")

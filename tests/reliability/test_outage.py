@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from refresher.emulator import Emulator
+from ims_emulator import Emulator
 from tests.conftest import Harness, wait_until
 
 from .support import Refresher, TokenBook, client_ids, observed_run, percentiles, scan_for_secrets

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from refresher.emulator import Emulator
+from ims_emulator import Emulator
 from tests.conftest import Harness
 
 pytestmark = pytest.mark.slow
