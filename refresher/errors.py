@@ -6,6 +6,8 @@ the file, the HTTP status and IMS's error code, never the credential itself.
 
 from __future__ import annotations
 
+from typing import Any
+
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -16,6 +18,10 @@ class RefresherError(Exception):
     """Base of every error the refresher raises on purpose."""
 
     exit_code = EXIT_RUNTIME
+
+    def log_fields(self) -> dict[str, object]:
+        """Structured fields for the log line that reports this error (none by default)."""
+        return {}
 
 
 class ConfigError(RefresherError):
@@ -41,7 +47,12 @@ class CredentialsNotReady(CredentialsError):
 
 
 class ExchangeError(RefresherError):
-    """An IMS exchange failed. `retryable` says whether backing off and retrying may help."""
+    """An IMS exchange failed. Raise one of the kinds below; `retryable` says whether
+    backing off and retrying may help.
+
+    The base stays constructible with explicit flags for callers that predate the kinds:
+    not retryable then means rejected (exit 3) unless `exit_code` says otherwise.
+    """
 
     exit_code = EXIT_RUNTIME
 
@@ -55,6 +66,7 @@ class ExchangeError(RefresherError):
         error_description: str | None = None,
         debug_id: str | None = None,
         retry_after_s: float | None = None,
+        hint: str | None = None,
         exit_code: int | None = None,
     ) -> None:
         super().__init__(message)
@@ -64,22 +76,54 @@ class ExchangeError(RefresherError):
         self.error_description = error_description
         self.debug_id = debug_id
         self.retry_after_s = retry_after_s
-        # A permanent answer from IMS is a rejection of the credentials (exit 3);
-        # a permanent local failure (TLS, plain HTTP refused) passes its own code.
+        self.hint = hint
         if exit_code is not None:
             self.exit_code = exit_code
         elif not retryable:
             self.exit_code = EXIT_REJECTED
 
     def log_fields(self) -> dict[str, object]:
-        """The fields IMS gave us for support tickets (`x-debug-id` above all)."""
+        """What IMS told us, for support tickets (`x-debug-id` above all), and our hint."""
         return {
             "status": self.status,
             "error": self.error,
             "error_description": self.error_description,
             "x_debug_id": self.debug_id,
             "retry_after_s": self.retry_after_s,
+            "hint": self.hint,
         }
+
+
+class Rejected(ExchangeError):
+    """IMS's verdict on the credentials (400/401 ...): permanent until they change, exit 3.
+
+    Retrying at once would only get the integration throttled.
+    """
+
+    exit_code = EXIT_REJECTED
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message, retryable=False, exit_code=EXIT_REJECTED, **fields)
+
+
+class Transient(ExchangeError):
+    """Network trouble, a timeout, 408/429/5xx or an unusable answer: back off and retry,
+    never sooner than `retry_after_s` when IMS gave one."""
+
+    exit_code = EXIT_RUNTIME
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message, retryable=True, exit_code=EXIT_RUNTIME, **fields)
+
+
+class LocalSetup(ExchangeError):
+    """Our side cannot talk to IMS as configured (TLS verification, a redirect, plain HTTP
+    without the flag): retrying cannot help and IMS never judged the credentials, exit 1."""
+
+    exit_code = EXIT_RUNTIME
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message, retryable=False, exit_code=EXIT_RUNTIME, **fields)
 
 
 class PublishError(RefresherError):

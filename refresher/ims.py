@@ -1,46 +1,65 @@
 """Talking to Adobe IMS: the request, the response, the error classifier, the retry policy.
 
-Everything `requests` raises and every IMS error body becomes one `ExchangeError`
-here, at the boundary, that knows whether retrying can help. Nothing above this
-module sees a `requests` exception.
+Every failure becomes one of the `ExchangeError` kinds here, at the boundary
+(`Rejected`, `Transient`, `LocalSetup`), carrying IMS's error, description, x-debug-id
+and a hint; nothing above this module sees a `requests` exception. The HTTP itself,
+with its per-exchange deadline, is `refresher.transport`.
+
+IMS's clock is measured from the `Date` of every answer (`refresher.skew`); JWTs are
+signed for IMS's clock once IMS has rejected one as expired (or not yet valid) and the
+measured skew explains it. Expiry arithmetic stays in our own clock.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
-import ssl
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
-import requests
-from requests.adapters import HTTPAdapter
 from tenacity import RetryCallState
 
 from refresher.assertion import build_claims, sign
 from refresher.config import ImsSettings, ims_base_url
 from refresher.credentials import Credentials
-from refresher.errors import EXIT_RUNTIME, ExchangeError
+from refresher.errors import ExchangeError, LocalSetup, Rejected, Transient
+from refresher.hints import diagnose
 from refresher.logs import redact
 from refresher.schedule import backoff_s
-from refresher.token import AccessToken
+from refresher.skew import RESOLUTION_S, SkewEstimate
+from refresher.token import MAX_LIFETIME, AccessToken
+from refresher.transport import MAX_BODY_BYTES, Transport, short
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1024 * 1024
+__all__ = ["MAX_BODY_BYTES", "ImsClient", "RetryWait", "can_retry", "classify_response"]
+
 MAX_RETRY_AFTER_S = 3600.0
-# IMS tokens live 24 h; a lifetime beyond a year is garbage, and beyond datetime's range
-# (year 9999) it would raise OverflowError instead of a classified ExchangeError.
+# IMS tokens live 24 h. A lifetime beyond a year is garbage (a bad answer); between
+# MAX_LIFETIME (48 h) and a year it is clamped to MAX_LIFETIME, so that what we publish
+# is always something adoption accepts back.
 MAX_LIFETIME_S = 366 * 86400.0
 JWT_PATH = "/ims/exchange/jwt"
 OAUTH_PATH = "/ims/token/v3"
-USER_AGENT = "ims-token-refresher"
+SKEW_WARN_S = 30.0
+# The units guard: a response lifetime about 1000x off the token's own claims is a unit
+# mix-up (seconds read as milliseconds, or the reverse), not a lie to shorten by.
+UNITS_FACTOR = 1000.0
+UNITS_TOLERANCE = 2.0
+# OAuth error codes that say "try again" whatever the HTTP status (RFC 6749, 5.2/4.1.2.1).
+TRANSIENT_ERRORS = frozenset({"server_error", "temporarily_unavailable"})
+# A rejection of these kinds says nothing about the client secret: trying the other one
+# would only add a request (an `aud` mismatch is `invalid_client` too).
+_NOT_THE_SECRET = frozenset({"audience", "client_id"})
+# The token is sent as `Authorization: Bearer <token>` and published as a file that shells
+# splice into headers: one line of visible ASCII, no space, nothing else.
+_TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
@@ -64,7 +83,8 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
 
 
 def can_retry(status: int | None, error: str | None) -> bool:
-    """The retry decision as one table: network trouble, 408, 429 and 5xx are transient.
+    """The retry decision as one table: network trouble, 408, 429, 5xx, a garbled 2xx and
+    IMS saying `server_error` / `temporarily_unavailable` are transient.
 
     Everything else IMS answers (400/401 `invalid_client`, `invalid_scope`,
     `invalid_token`, `bad_request`, `unauthorized_client`, ...) is a verdict on the
@@ -72,14 +92,11 @@ def can_retry(status: int | None, error: str | None) -> bool:
     """
     if status is None:
         return True  # no HTTP answer at all: connection refused, reset, timeout
+    if error is not None and error.strip().lower() in TRANSIENT_ERRORS:
+        return True
     # A 200 with an unusable body, any other 1xx/2xx (a proxy's 202/204) are glitches on
     # the way, not a verdict on the credentials.
     return status < 300 or status in (408, 429) or status >= 500
-
-
-def _short(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def classify_response(
@@ -89,17 +106,18 @@ def classify_response(
     now: datetime,
     sensitive: Sequence[str] = (),
 ) -> ExchangeError:
-    """Turn a non-success IMS answer into an ExchangeError (never echoes the body wholesale).
+    """Turn a non-success IMS answer into `Rejected` or `Transient`, with its hint.
 
     What IMS says is copied into the error, so anything we sent that it might quote
     back (`sensitive`: the client secret, the signed assertion) is redacted first: the
-    error reaches stderr, where the logging filter does not run.
+    error reaches stderr, where the logging filter does not run. The body itself is
+    never echoed wholesale.
     """
     error: str | None = None
     description: str | None = None
 
     def clean(value: object, limit: int) -> str:
-        return _short(redact(str(value), sensitive), limit)
+        return short(redact(str(value), sensitive), limit)
 
     try:
         document = json.loads(body)
@@ -108,12 +126,9 @@ def classify_response(
             raw_desc = document.get("error_description")
             error = clean(raw_error, 80) if raw_error is not None else None
             description = clean(raw_desc, 200) if raw_desc is not None else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         pass
     raw_debug_id = headers.get("x-debug-id")
-    debug_id = clean(raw_debug_id, 120) if raw_debug_id is not None else None
-    retry_after = parse_retry_after(headers.get("Retry-After"), now)
-    retryable = can_retry(status, error)
     what = f"IMS answered HTTP {status}"
     if error:
         what += f" {error}"
@@ -121,88 +136,117 @@ def classify_response(
         what += f": {description}"
     elif not error:
         what += " without an IMS error body"
-    return ExchangeError(
-        what,
-        retryable=retryable,
-        status=status,
-        error=error,
-        error_description=description,
-        debug_id=debug_id,
-        retry_after_s=retry_after,
-    )
+    diagnosis = diagnose(status, error, description)
+    fields: dict[str, Any] = {
+        "status": status,
+        "error": error,
+        "error_description": description,
+        "debug_id": clean(raw_debug_id, 120) if raw_debug_id is not None else None,
+        "hint": diagnosis.hint if diagnosis is not None else None,
+    }
+    if can_retry(status, error):
+        return Transient(
+            what, retry_after_s=parse_retry_after(headers.get("Retry-After"), now), **fields
+        )
+    return Rejected(what, **fields)
 
 
-def _decode_claims(access_token: str) -> dict[str, Any] | None:
-    """The IMS token's own payload, unverified (we only read its lifetime); None if not a JWT."""
+def _claims_lifetime(access_token: str) -> tuple[float, float] | None:
+    """The IMS token's own `created_at` (IMS's clock, Unix s) and `expires_in` (s), read
+    unverified (we only read its lifetime); None if it is not a JWT carrying both."""
     try:
         claims = jwt.decode(access_token, options={"verify_signature": False})
-    except jwt.PyJWTError:
+        created_s = float(claims["created_at"]) / 1000.0
+        life_s = float(claims["expires_in"]) / 1000.0
+    except (jwt.PyJWTError, KeyError, TypeError, ValueError, OverflowError):
         return None
-    return claims if isinstance(claims, dict) else None
+    if not (math.isfinite(created_s) and math.isfinite(life_s)):
+        return None
+    return created_s, life_s
 
 
-def token_expiry(
-    access_token: str, expires_in: float, unit_s: float, sent_at: datetime
-) -> datetime:
-    """Expiry from the response's `expires_in` (in `unit_s` seconds) counted from `sent_at`,
-    cross-checked with the token's `created_at` + `expires_in` claims (milliseconds):
-    the earlier of the two wins, so a lying response can only make us refresh sooner.
+def units_mixed_up(response_s: float, claims_life_s: float) -> bool:
+    """True when the two lifetimes differ by about a factor of 1000 (either way)."""
+    if not (response_s > 0 and claims_life_s > 0):
+        return False
+    ratio = response_s / claims_life_s
+    if ratio < 1:
+        ratio = 1 / ratio
+    return UNITS_FACTOR / UNITS_TOLERANCE <= ratio <= UNITS_FACTOR * UNITS_TOLERANCE
+
+
+def token_lifetime_s(
+    access_token: str, response_s: float, sent_at: datetime, skew_s: float = 0.0
+) -> tuple[float, bool]:
+    """Seconds from `sent_at` (our clock) to the token's expiry, and whether the units guard
+    overrode the response.
+
+    The response's lifetime counts from `sent_at`. Where the token carries `created_at` +
+    `expires_in` claims (IMS's clock: `skew_s` is IMS's clock minus ours), the earlier
+    expiry wins, so a lying response can only make us refresh sooner; except when the two
+    lifetimes differ by about 1000x, a unit mix-up: then the claims are trusted.
     """
-    expires_at = sent_at + timedelta(seconds=expires_in * unit_s)
-    claims = _decode_claims(access_token)
-    if claims is not None:
-        try:
-            created_ms = float(claims["created_at"])
-            life_ms = float(claims["expires_in"])
-            claimed = datetime.fromtimestamp((created_ms + life_ms) / 1000.0, UTC)
-        except (KeyError, TypeError, ValueError, OverflowError, OSError):
-            claimed = None
-        if claimed is not None and claimed < expires_at:
-            expires_at = claimed
-    return expires_at
+    claims = _claims_lifetime(access_token)
+    if claims is None:
+        return response_s, False
+    created_s, life_s = claims
+    claimed_s = created_s - skew_s + life_s - sent_at.timestamp()
+    if units_mixed_up(response_s, life_s):
+        return claimed_s, True
+    return min(response_s, claimed_s), False
 
 
-def _extra_ca_adapter(ca_bundle: Path) -> HTTPAdapter:
-    """An adapter whose TLS context trusts the system CAs *and* `ca_bundle`.
-
-    `requests`' own `verify=path` would replace the default trust store; `--ca-bundle`
-    adds a CA (a corporate proxy, the emulator) without dropping the public ones.
-    """
-    context = ssl.create_default_context()
-    context.load_verify_locations(cafile=str(ca_bundle))
-
-    class ExtraCAAdapter(HTTPAdapter):
-        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["ssl_context"] = context
-            super().init_poolmanager(*args, **kwargs)
-
-        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
-            kwargs["ssl_context"] = context
-            return super().proxy_manager_for(proxy, **kwargs)
-
-    return ExtraCAAdapter()
+def is_token_text(value: object) -> bool:
+    """A single line of visible ASCII without spaces (what a Bearer header can carry)."""
+    return isinstance(value, str) and bool(value) and all(c in _TOKEN_CHARS for c in value)
 
 
-@dataclass(frozen=True)
-class ExchangeResult:
-    token: AccessToken
-    duration_s: float
+def _number(value: object) -> float | None:
+    """A finite JSON number as a float; None for `true`, "86399", null, NaN and the like."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float's range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def is_adobe_ims_host(base_url: str) -> bool:
+    host = (urlsplit(base_url).hostname or "").lower()
+    return host == "adobelogin.com" or host.endswith(".adobelogin.com")
 
 
 class ImsClient:
-    """One `requests.Session` for the life of the process (connection reuse, proxies from env)."""
+    """One HTTP session for the life of the process (connection reuse, proxies from env).
+
+    `clock_skew_s` is IMS's clock minus ours as measured so far (0 until measured, and
+    within the `Date` header's noise); the composition root exports it as a gauge.
+    """
 
     def __init__(self, settings: ImsSettings) -> None:
         self.settings = settings
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = USER_AGENT
-        # TLS verification is always on: requests' default, never switched off here.
-        if settings.ca_bundle is not None:
-            self.session.mount("https://", _extra_ca_adapter(settings.ca_bundle))
+        self.transport = Transport(
+            ca_bundle=settings.ca_bundle,
+            connect_timeout_s=settings.connect_timeout_s,
+            read_timeout_s=settings.read_timeout_s,
+        )
+        self.skew = SkewEstimate()
+        self._sign_for_ims_clock = False
+        self._signed_with_s = 0.0  # the offset the last JWT was signed with
         self._last_good_secret: str | None = None
+        self._said: set[str] = set()
+
+    @property
+    def clock_skew_s(self) -> float:
+        return self.skew.offset_s
 
     def close(self) -> None:
-        self.session.close()
+        self.transport.close()
+
+    def cancel(self) -> None:
+        """Stop: end the exchange in flight at once and make no further one (any thread)."""
+        self.transport.cancel()
 
     def base_url(self, credentials: Credentials) -> str:
         """Flag wins, then the credentials' `imsEndpoint`, then Adobe's default host."""
@@ -210,10 +254,8 @@ class ImsClient:
 
     def check_transport(self, base_url: str) -> None:
         if base_url.startswith("http://") and not self.settings.allow_insecure_http:
-            raise ExchangeError(
-                f"refusing plain HTTP to {base_url}: pass --allow-insecure-http to permit it",
-                retryable=False,
-                exit_code=EXIT_RUNTIME,
+            raise LocalSetup(
+                f"refusing plain HTTP to {base_url}: pass --allow-insecure-http to permit it"
             )
 
     def exchange(self, credentials: Credentials, now: Callable[[], datetime]) -> AccessToken:
@@ -228,8 +270,13 @@ class ImsClient:
         for index, secret in enumerate(secrets):
             try:
                 token = self._exchange_once(credentials, secret, base, now)
-            except ExchangeError as exc:
-                if exc.error == "invalid_client" and index + 1 < len(secrets):
+            except Rejected as exc:
+                diagnosis = diagnose(exc.status, exc.error, exc.error_description)
+                if (
+                    exc.error == "invalid_client"
+                    and index + 1 < len(secrets)
+                    and (diagnosis is None or diagnosis.kind not in _NOT_THE_SECRET)
+                ):
                     log.warning(
                         "IMS rejected client secret #%d of %d, trying the next one",
                         index + 1,
@@ -245,9 +292,46 @@ class ImsClient:
     def _exchange_once(
         self, credentials: Credentials, secret: str, base: str, now: Callable[[], datetime]
     ) -> AccessToken:
+        """One request, and at once a second when IMS's clock explains a JWT time verdict."""
+        if credentials.flow != "jwt":
+            return self._request(credentials, secret, base, now)
+        self._warn_about_audience(base)
+        try:
+            return self._request(credentials, secret, base, now)
+        except Rejected as exc:
+            if not self._skew_explains(exc):
+                raise
+            self._sign_for_ims_clock = True
+            log.warning(
+                "IMS judged the JWT by its own clock, %+.1fs off ours (its Date header): "
+                "signing for IMS's clock from now on",
+                self.skew.offset_s,
+                extra={**exc.log_fields(), "clock_skew_s": self.skew.offset_s},
+            )
+        return self._request(credentials, secret, base, now)
+
+    def _skew_explains(self, exc: Rejected) -> bool:
+        """Does the skew measured from this very answer explain IMS's time verdict?"""
+        diagnosis = diagnose(exc.status, exc.error, exc.error_description)
+        if diagnosis is None or not self.skew.measured:
+            return False
+        signed_with = self._signed_with_s
+        drift = self.skew.offset_s - signed_with
+        if diagnosis.kind == "jwt_expired":
+            return drift >= self.settings.jwt_ttl_s - RESOLUTION_S
+        if diagnosis.kind == "jwt_not_yet_valid":
+            return drift <= -RESOLUTION_S
+        return False
+
+    def _request(
+        self, credentials: Credentials, secret: str, base: str, now: Callable[[], datetime]
+    ) -> AccessToken:
         sent_at = now()
         if credentials.flow == "jwt":
-            claims = build_claims(credentials, base, sent_at, self.settings.jwt_ttl_s)
+            self._signed_with_s = self.skew.offset_s if self._sign_for_ims_clock else 0.0
+            audience = self.settings.audience or base
+            ims_now = sent_at + timedelta(seconds=self._signed_with_s)
+            claims = build_claims(credentials, audience, ims_now, self.settings.jwt_ttl_s)
             form = {
                 "client_id": credentials.client_id,
                 "client_secret": secret,
@@ -261,73 +345,53 @@ class ImsClient:
                 "client_secret": secret,
                 "scope": ",".join(credentials.scopes),
             }
+            if credentials.org_id:
+                form["org_id"] = credentials.org_id  # as Adobe's own libraries send it
             url, unit_s = base + OAUTH_PATH, 1.0  # ... and seconds on OAuth
-        sensitive = list(form.values())
+        sensitive = [secret, form.get("jwt_token", "")]
         try:
-            status, body, headers = self._post(url, form)
-            if status != 200:
-                raise classify_response(status, body, headers, now(), sensitive=sensitive)
-            return self._parse_success(body, headers, credentials, base, unit_s, sent_at)
+            answer = self.transport.post(url, form)
+            received_at = now()
+            self._observe_skew(answer.headers.get("Date"), sent_at, received_at)
+            if answer.status != 200:
+                raise classify_response(
+                    answer.status, answer.body, answer.headers, received_at, sensitive=sensitive
+                )
+            return self._parse_success(
+                answer.body, answer.headers, credentials, base, unit_s, sent_at
+            )
         except ExchangeError as exc:
             # Every path copies IMS's x-debug-id header: never let it carry what we sent.
             if exc.debug_id is not None:
-                exc.debug_id = _short(redact(exc.debug_id, sensitive), 120)
+                exc.debug_id = short(redact(exc.debug_id, sensitive), 120)
             raise
 
-    def _post(self, url: str, form: dict[str, str]) -> tuple[int, bytes, Mapping[str, str]]:
-        timeout = (self.settings.connect_timeout_s, self.settings.read_timeout_s)
-        try:
-            # No redirects: a token endpoint never redirects, and following one could
-            # carry the client secret to another host.
-            with self.session.post(
-                url, data=form, timeout=timeout, stream=True, allow_redirects=False
-            ) as response:
-                body = bytearray()
-                for chunk in response.iter_content(chunk_size=65536):
-                    body += chunk
-                    if len(body) > MAX_BODY_BYTES:
-                        raise ExchangeError(
-                            f"IMS response from {url} exceeds {MAX_BODY_BYTES} bytes",
-                            retryable=True,
-                            status=response.status_code,
-                            debug_id=response.headers.get("x-debug-id"),
-                        )
-                if 300 <= response.status_code < 400:
-                    raise ExchangeError(
-                        f"IMS answered HTTP {response.status_code} (a redirect) from {url}; "
-                        "redirects are not followed: check --ims-endpoint",
-                        retryable=False,
-                        status=response.status_code,
-                        debug_id=response.headers.get("x-debug-id"),
-                        exit_code=EXIT_RUNTIME,
-                    )
-                return response.status_code, bytes(body), response.headers
-        except requests.exceptions.SSLError as exc:
-            raise ExchangeError(
-                f"TLS verification of {url} failed (pass the issuing CA with --ca-bundle): "
-                f"{_tls_reason(exc)}",
-                retryable=False,
-                exit_code=EXIT_RUNTIME,
-            ) from None
-        except requests.exceptions.Timeout:
-            raise ExchangeError(
-                f"IMS at {url} did not answer within {timeout[0]:g}s connect / "
-                f"{timeout[1]:g}s read",
-                retryable=True,
-            ) from None
-        except requests.exceptions.RequestException as exc:
-            raise ExchangeError(
-                f"could not reach IMS at {url}: {type(exc).__name__}", retryable=True
-            ) from None
-        except OSError as exc:
-            # requests raises a bare OSError when REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE names
-            # a missing file: a local setup problem, not IMS's verdict (exit 1, not 3).
-            raise ExchangeError(
-                f"cannot set up TLS for {url}: {exc.strerror or type(exc).__name__} "
-                "(check REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE and --ca-bundle)",
-                retryable=False,
-                exit_code=EXIT_RUNTIME,
-            ) from None
+    def _observe_skew(self, date: str | None, sent_at: datetime, received_at: datetime) -> None:
+        self.skew.observe(date, sent_at, received_at)
+        skew_s = self.skew.offset_s
+        if abs(skew_s) > SKEW_WARN_S:
+            self._once(
+                "skew",
+                "IMS's clock is %+.0fs off this node's (from its Date header): JWTs are signed "
+                "for IMS's clock, but fix the node's time sync (NTP)",
+                skew_s,
+                clock_skew_s=skew_s,
+            )
+
+    def _warn_about_audience(self, base: str) -> None:
+        if self.settings.audience is None and not is_adobe_ims_host(base):
+            self._once(
+                "audience",
+                "IMS endpoint %s is not an Adobe IMS host (*.adobelogin.com): the JWT's aud "
+                "and metascopes name it; if it is a gateway to Adobe IMS, pass --ims-audience "
+                "with the IMS URL the integration belongs to",
+                base,
+            )
+
+    def _once(self, key: str, message: str, *args: object, **fields: object) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            log.warning(message, *args, extra=fields)
 
     def _parse_success(
         self,
@@ -339,56 +403,66 @@ class ImsClient:
         sent_at: datetime,
     ) -> AccessToken:
         debug_id = headers.get("x-debug-id")
+
+        def bad(what: str) -> Transient:
+            # Retried like a 5xx: a glitch on the way, not a verdict on the credentials.
+            return Transient(f"IMS answered HTTP 200 {what}", status=200, debug_id=debug_id)
+
         try:
             document = json.loads(body)
-            access_token = document["access_token"]
-            expires_in = float(document["expires_in"])
-            token_type = str(document.get("token_type", "bearer"))
-        except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: 1e400-ish ints
-            raise ExchangeError(
-                "IMS answered HTTP 200 without a usable token document",
-                retryable=True,
-                status=200,
-                debug_id=debug_id,
-            ) from None
-        if (
-            not isinstance(access_token, str)
-            or not access_token
-            or not 0 < expires_in * unit_s <= MAX_LIFETIME_S  # also false for NaN
-        ):
-            raise ExchangeError(
-                "IMS answered HTTP 200 with an empty token or an implausible expires_in",
-                retryable=True,
-                status=200,
-                debug_id=debug_id,
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            document = None
+        if not isinstance(document, dict):
+            raise bad("without a token document")
+        access_token = document.get("access_token")
+        expires_in = _number(document.get("expires_in"))
+        if not is_token_text(access_token):
+            raise bad("without a usable access_token (one line of visible ASCII, no spaces)")
+        if expires_in is None:
+            raise bad("without a numeric expires_in")
+        assert isinstance(access_token, str)  # noqa: S101 - is_token_text said so
+        lifetime_s = self._lifetime_s(access_token, expires_in * unit_s, sent_at)
+        if lifetime_s <= 0:
+            raise bad("with a token that is already expired (check the clock)")
+        if lifetime_s > MAX_LIFETIME_S:
+            raise bad(f"with an implausible lifetime of {lifetime_s:g}s")
+        if lifetime_s < self.settings.min_token_lifetime_s:
+            raise bad(
+                f"with a lifetime of {lifetime_s:g}s, under --min-token-lifetime "
+                f"{self.settings.min_token_lifetime_s:g}s"
             )
-        expires_at = token_expiry(access_token, expires_in, unit_s, sent_at)
-        if expires_at <= sent_at:
-            raise ExchangeError(
-                "IMS issued a token that is already expired (check the clock)",
-                retryable=True,
-                status=200,
-                debug_id=debug_id,
+        longest_s = MAX_LIFETIME.total_seconds()
+        if lifetime_s > longest_s:
+            self._once(
+                "clamp",
+                "IMS granted a lifetime of %gs: holding the token for at most %gs",
+                lifetime_s,
+                longest_s,
             )
+            lifetime_s = longest_s
         return AccessToken(
             value=access_token,
             issued_at=sent_at,
-            expires_at=expires_at,
+            expires_at=sent_at + timedelta(seconds=lifetime_s),
             flow=credentials.flow,
             client_id=credentials.client_id,
             ims_endpoint=base,
-            token_type=token_type,
+            token_type=short(str(document.get("token_type", "bearer")), 40),
         )
 
-
-def _tls_reason(exc: Exception) -> str:
-    """OpenSSL's reason, without urllib3's wrapping: `certificate verify failed: <why>`."""
-    text = str(exc)
-    marker = "certificate verify failed"
-    if marker not in text:
-        return type(exc).__name__
-    reason = text[text.find(marker) :].split(" (_ssl.c", 1)[0]
-    return _short(reason.rstrip(")'\" "), 160)
+    def _lifetime_s(self, access_token: str, response_s: float, sent_at: datetime) -> float:
+        lifetime_s, units_guard = token_lifetime_s(
+            access_token, response_s, sent_at, self.skew.offset_s
+        )
+        if units_guard:
+            self._once(
+                "units",
+                "IMS's expires_in (%gs as read) and the token's own claims (%gs) differ by "
+                "about 1000x, a unit mix-up: trusting the token's claims",
+                response_s,
+                lifetime_s,
+            )
+        return lifetime_s
 
 
 class RetryWait:

@@ -9,7 +9,14 @@ from datetime import UTC, datetime, timedelta
 import jwt
 import pytest
 
-from refresher.ims import can_retry, classify_response, parse_retry_after, token_expiry
+from refresher.errors import Rejected, Transient
+from refresher.ims import (
+    can_retry,
+    classify_response,
+    is_token_text,
+    parse_retry_after,
+    token_lifetime_s,
+)
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -54,6 +61,8 @@ def test_retry_after_seconds_and_http_date(value: str | None, expected: float | 
         (400, "unauthorized_client", False),
         (403, None, False),
         (404, None, False),
+        (400, "server_error", True),
+        (400, "temporarily_unavailable", True),
     ],
 )
 def test_retry_table(status: int | None, error: str | None, retry: bool) -> None:
@@ -96,29 +105,102 @@ def _ims_like_token(created: datetime, life_ms: int) -> str:
 
 def test_jwt_exchange_expires_in_is_milliseconds() -> None:
     """On the JWT exchange, expires_in=86399999 means about 24 h, counted from sending."""
-    expires = token_expiry("opaque", 86_399_999, 0.001, NOW)
-    assert expires == NOW + timedelta(milliseconds=86_399_999)
+    assert token_lifetime_s("opaque", 86_399_999 * 0.001, NOW) == (86_399.999, False)
 
 
 def test_oauth_expires_in_is_seconds() -> None:
     """On OAuth, expires_in=86399 means 86399 s."""
-    assert token_expiry("opaque", 86399, 1.0, NOW) == NOW + timedelta(seconds=86399)
+    assert token_lifetime_s("opaque", 86399.0, NOW) == (86399.0, False)
 
 
 def test_token_claims_earlier_than_response_win() -> None:
     """When the token's own created_at+expires_in ends sooner, that earlier expiry is used."""
     value = _ims_like_token(NOW - timedelta(hours=1), 3_600_000 * 24)
-    expires = token_expiry(value, 86399, 1.0, NOW)
-    assert expires == NOW + timedelta(hours=23)
+    assert token_lifetime_s(value, 86399.0, NOW) == (23 * 3600.0, False)
 
 
 def test_token_claims_later_than_response_are_ignored() -> None:
-    """Claims never extend the lifetime beyond what the response says."""
+    """Claims never extend the lifetime beyond what the response says (units aside)."""
     value = _ims_like_token(NOW, 3_600_000 * 48)
-    assert token_expiry(value, 60, 1.0, NOW) == NOW + timedelta(seconds=60)
+    assert token_lifetime_s(value, 60.0, NOW) == (60.0, False)
 
 
 def test_garbled_claims_fall_back_to_the_response() -> None:
     """Non-numeric created_at in the token is ignored, not a crash."""
     value = jwt.encode({"created_at": "yesterday", "expires_in": "x"}, "k" * 32, algorithm="HS256")
-    assert token_expiry(value, 10, 1.0, NOW) == NOW + timedelta(seconds=10)
+    assert token_lifetime_s(value, 10.0, NOW) == (10.0, False)
+
+
+@pytest.mark.parametrize(
+    ("response_s", "guarded"),
+    [
+        (86.399, True),  # the JWT exchange answered in seconds, read as milliseconds
+        (86_399_000.0, True),  # OAuth answered in milliseconds, read as seconds
+        (86_399.0, False),
+        (43_200.0, False),  # half: a short grant, not a unit mix-up
+        (300.0, False),  # 288x: too far from 1000x to call it units
+    ],
+)
+def test_units_guard_trusts_the_claims_at_1000x(response_s: float, guarded: bool) -> None:
+    """A response lifetime about 1000x off the token's own claims is a unit mix-up: the
+    claims win (refreshing every 70 s forever is not an option); otherwise the earlier."""
+    value = _ims_like_token(NOW, 86_400_000)
+    lifetime_s, units = token_lifetime_s(value, response_s, NOW)
+    assert units is guarded
+    assert lifetime_s == (86_400.0 if guarded else min(response_s, 86_400.0))
+
+
+def test_claims_created_at_is_read_in_ims_clock() -> None:
+    """created_at is IMS's clock: with IMS 600 s ahead, a token created 'now' by IMS's clock
+    ends 24 h from our now, not 24 h + 600 s (nor 24 h - 600 s when it is behind)."""
+    value = _ims_like_token(NOW + timedelta(seconds=600), 86_400_000)
+    assert token_lifetime_s(value, 86_400.0, NOW, skew_s=600.0) == (86_400.0, False)
+    assert token_lifetime_s(value, 86_400.0, NOW, skew_s=0.0) == (86_400.0, False)
+    behind = _ims_like_token(NOW - timedelta(seconds=600), 86_400_000)
+    assert token_lifetime_s(behind, 86_400.0, NOW, skew_s=-600.0) == (86_400.0, False)
+    assert token_lifetime_s(behind, 86_400.0, NOW, skew_s=0.0) == (85_800.0, False)
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("eyJhbGciOi.abc-_~+/=", True),
+        ("a", True),
+        ("", False),
+        ("tok en", False),
+        ("tok\ren", False),
+        ("tok\nen", False),
+        ("tok\x00en", False),
+        ("tok\ten", False),
+        ("t\u00f6ken", False),
+        ("tok\x7fen", False),
+        (None, False),
+        (12345, False),
+    ],
+)
+def test_token_is_one_line_of_visible_ascii(value: object, ok: bool) -> None:
+    """Only visible ASCII without spaces passes: CR, LF, NUL, space, tab, DEL, non-ASCII fail."""
+    assert is_token_text(value) is ok
+
+
+def test_classify_gives_kinds_and_hints() -> None:
+    """A 400 verdict is Rejected with its hint; a 429 is Transient with the throttling hint;
+    IMS's server_error is Transient whatever the status; an unknown text gets no hint."""
+    body = json.dumps(
+        {
+            "error": "invalid_token",
+            "error_description": "Could not match JWT signature to any of the bindings",
+        }
+    ).encode()
+    rejected = classify_response(400, body, {"x-debug-id": "d1"}, NOW)
+    assert isinstance(rejected, Rejected)
+    assert rejected.hint is not None and "certificate" in rejected.hint
+    assert rejected.log_fields()["hint"] == rejected.hint
+    throttled = classify_response(429, b"", {"Retry-After": "3"}, NOW)
+    assert isinstance(throttled, Transient) and throttled.hint and "throttl" in throttled.hint
+    server = classify_response(400, b'{"error": "server_error"}', {}, NOW)
+    assert isinstance(server, Transient)
+    unknown = classify_response(
+        400, b'{"error": "invalid_token", "error_description": "?"}', {}, NOW
+    )
+    assert isinstance(unknown, Rejected) and unknown.hint is None
