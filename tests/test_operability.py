@@ -419,7 +419,7 @@ def _dead(pid: int) -> bool:
 
 
 def test_on_refresh_receives_token_dir_and_expiry(harness: Harness, launch: Launch) -> None:
-    """--on-refresh runs after the publish with REFRESHER_TOKEN_DIR and REFRESHER_EXPIRES_AT."""
+    """--on-refresh runs after the publish with IMS_TOKEN_DIR and IMS_TOKEN_EXPIRES_AT."""
     harness.start_emulator()
     out = harness.root / "out"
     dump = harness.root / "env.json"
@@ -427,7 +427,7 @@ def test_on_refresh_receives_token_dir_and_expiry(harness: Harness, launch: Laun
         harness.root / "hook.py",
         f"""
         import json, os
-        names = ("REFRESHER_TOKEN_DIR", "REFRESHER_EXPIRES_AT")
+        names = ("IMS_TOKEN_DIR", "IMS_TOKEN_EXPIRES_AT")
         with open({str(dump)!r}, "w") as f:
             json.dump({{n: os.environ.get(n) for n in names}}, f)
         """,
@@ -438,8 +438,8 @@ def test_on_refresh_receives_token_dir_and_expiry(harness: Harness, launch: Laun
     harness.extra_secrets.append(read_token(out))
     env = json.loads(dump.read_text())
     assert env == {
-        "REFRESHER_TOKEN_DIR": str(out),
-        "REFRESHER_EXPIRES_AT": (out / "expires_at").read_text(),
+        "IMS_TOKEN_DIR": str(out),
+        "IMS_TOKEN_EXPIRES_AT": (out / "expires_at").read_text(),
     }
     assert running.stop()[0] == 0
 
