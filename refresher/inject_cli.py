@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import IO, Any
@@ -97,8 +98,77 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _injector(args: argparse.Namespace, image: str) -> int:
-    del args, image
-    raise UsageError("refresher injector: not available in this build yet")
+    """Serve the webhook until SIGTERM or SIGINT, then close and exit 0."""
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from prometheus_client import CollectorRegistry, disable_created_metrics  # noqa: PLC0415
+
+    from refresher import injector  # noqa: PLC0415 - TLS, HTTP and metrics load only here
+    from refresher.httpserver import HttpServer  # noqa: PLC0415
+    from refresher.logs import SecretRegistry, setup_logging  # noqa: PLC0415
+
+    host, port = _listen(args.listen or INJECTOR_LISTEN)
+    if not args.tls_cert_file or not args.tls_key_file:
+        raise UsageError("--tls-cert-file and --tls-key-file are required")
+    log_format = _choice("--log-format", args.log_format or "json", ("json", "text"))
+    log_level = _choice(
+        "--log-level", args.log_level or "info", ("debug", "info", "warning", "error")
+    )
+    setup_logging(log_format, log_level, SecretRegistry())
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    metrics = injector.InjectorMetrics(CollectorRegistry(auto_describe=True))
+    try:
+        tls = injector.CertificateFiles(Path(args.tls_cert_file), Path(args.tls_key_file), metrics)
+    except injector.CertificateError as exc:
+        raise UsageError(str(exc)) from None
+    webhook = injector.Webhook(image, metrics)
+    try:
+        server = HttpServer(
+            host,
+            port,
+            webhook.handle,
+            limits=injector.LIMITS,
+            methods=injector.METHODS,
+            tls=tls,
+            name="injector",
+        )
+    except OSError as exc:
+        raise UsageError(f"--listen {host}:{port}: {exc.strerror}") from None
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    logging.getLogger("refresher.injector").info(
+        "serving admission reviews", extra={"listen": f"{host}:{server.port}", "image": image}
+    )
+    stop.wait()
+    server.close()
+    return EXIT_OK
+
+
+def _listen(text: str) -> tuple[str, int]:
+    import ipaddress  # noqa: PLC0415
+
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - the API server must reach the webhook
+    try:
+        if not sep:
+            raise ValueError(text)  # noqa: TRY301 - one message for every bad form
+        if host != "localhost":
+            ipaddress.ip_address(host)
+        port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ValueError(port_text)  # noqa: TRY301
+    except ValueError:
+        raise UsageError(f"--listen {text!r} is not HOST:PORT") from None
+    return host, port
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> str:
+    if value.lower() not in choices:
+        raise UsageError(f"{flag} {value!r} must be one of {', '.join(choices)}")
+    return value.lower()
 
 
 class UsageError(Exception):
