@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from refresher.errors import ConfigError, PublishError
-from refresher.sinks.secret import SecretSink
+from refresher.sinks.secret import SecretSink, _held_token
 from refresher.token import AccessToken
 from tests.fakeapi import FakeApiServer
 from tests.fakes import FakeClock
@@ -82,7 +82,8 @@ def server() -> Iterator[FakeApiServer]:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock(T0 + dt.timedelta(hours=1, minutes=1))
+    # After every issue time below: a token issued in the future is never adopted.
+    return FakeClock(T0 + dt.timedelta(hours=2, minutes=1))
 
 
 @pytest.fixture
@@ -142,7 +143,7 @@ def test_creates_missing_secret_with_spec_content(
     assert stored["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "ims-token-refresher"}
     assert stored["metadata"]["annotations"] == {
         "ims-token-refresher/expires-at": "2026-11-27T13:00:00Z",
-        "ims-token-refresher/refreshed-at": "2026-11-26T13:01:00Z",
+        "ims-token-refresher/refreshed-at": "2026-11-26T14:01:00Z",
     }
     assert server.requests == {"GET": 1, "POST": 1}
 
@@ -337,6 +338,141 @@ def test_read_current_ignores_foreign_or_garbled_secrets(
     mangle(obj)
     server.put_secret(obj, NS)
     assert sink.read_current() is None
+
+
+# --- another writer of the Secret plants a forgery --------------------------------------
+# Anyone with "update" on the Secret (another workload's service account, a careless
+# kubectl) can write anything into it. Nothing it writes may be adopted unless it is
+# a plausible, complete set, and nothing it writes may crash the sink.
+
+
+def _b64(raw: bytes | str) -> str:
+    return base64.b64encode(raw.encode() if isinstance(raw, str) else raw).decode()
+
+
+def _document(**changes: object) -> str:
+    document = {**THEIRS_NEWER.to_document(), **changes}
+    return _b64(json.dumps(document))
+
+
+def _forge_data(**data: object) -> Callable[[dict[str, Any]], object]:
+    return lambda obj: obj["data"].update(data)
+
+
+FORGERIES: dict[str, Callable[[dict[str, Any]], object]] = {
+    "year-9999-expiry": _forge_data(**{"token.json": _document(expires_at="9999-12-31T23:59:59Z")}),
+    "issued-in-the-future": _forge_data(
+        **{
+            "token.json": _document(
+                issued_at="2026-11-27T12:00:00Z", expires_at="2026-11-28T12:00:00Z"
+            )
+        }
+    ),
+    "lifetime-over-48h": _forge_data(
+        **{
+            "token.json": _document(
+                issued_at="2026-11-26T12:00:00Z", expires_at="2026-11-30T12:00:00Z"
+            )
+        }
+    ),
+    "data-is-a-list": lambda obj: obj.update(data=["token.json"]),
+    "data-is-a-string": lambda obj: obj.update(data="token.json"),
+    "labels-is-a-list": lambda obj: obj["metadata"].update(labels=["ims-token-refresher"]),
+    "label-removed": lambda obj: obj["metadata"].pop("labels"),
+    "label-other-value": lambda obj: obj["metadata"].update(
+        labels={"app.kubernetes.io/managed-by": "helm"}
+    ),
+    "token-json-a-number": _forge_data(**{"token.json": 42}),
+    "token-json-an-object": _forge_data(**{"token.json": {"access_token": "x"}}),
+    "token-json-wrong-types": _forge_data(
+        **{"token.json": _b64(json.dumps({"access_token": 42, "issued_at": 7, "expires_at": []}))}
+    ),
+    "token-json-a-list": _forge_data(**{"token.json": _b64("[1, 2]")}),
+    "token-json-deep-nesting": _forge_data(**{"token.json": _b64("[" * 200_000)}),
+    "token-json-huge": _forge_data(**{"token.json": _document(padding="p" * 300_000)}),
+    "access-token-key-disagrees": _forge_data(access_token=_b64("eyFORGED-" + "f" * 40)),
+    "access-token-key-missing": lambda obj: obj["data"].pop("access_token"),
+    "access-token-key-not-base64": _forge_data(access_token="!!!"),
+    "access-token-key-a-number": _forge_data(access_token=7),
+}
+
+
+@pytest.mark.parametrize("forge", FORGERIES.values(), ids=FORGERIES.keys())
+def test_a_forged_secret_is_never_adopted_and_never_crashes(
+    server: FakeApiServer, sink: SecretSink, forge: Callable[[dict[str, Any]], object]
+) -> None:
+    """A forged or garbled Secret (absurd expiry, wrong types, huge token.json, no label, keys
+    that disagree) holds no token for us, and our publish replaces it with a valid set."""
+    obj = secret_holding(THEIRS_NEWER)
+    forge(obj)
+    server.put_secret(obj, NS)
+    assert sink.read_current() is None
+    assert sink.publish(OURS) is OURS
+    assert holds(server, OURS)
+    stored = server.secret(NS, NAME)
+    assert stored is not None
+    assert stored["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "ims-token-refresher"
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"metadata": "not-an-object", "data": {}},
+        {"metadata": {"labels": "x"}, "data": None},
+        {"metadata": None},
+        {"metadata": {"labels": {"app.kubernetes.io/managed-by": "ims-token-refresher"}}},
+        {
+            "metadata": {"labels": {"app.kubernetes.io/managed-by": "ims-token-refresher"}},
+            "data": {"token.json": None, "access_token": None},
+        },
+    ],
+    ids=["metadata-string", "labels-string", "metadata-null", "no-data", "null-values"],
+)
+def test_objects_no_apiserver_would_store_hold_no_token(obj: dict[str, Any]) -> None:
+    """Shapes the fake apiserver cannot even store (a proxy could still answer them) hold no
+    token and raise nothing."""
+    assert _held_token(obj, T0) is None
+
+
+def test_a_secret_answer_past_the_size_cap_is_refused_unread(
+    server: FakeApiServer, sink: SecretSink
+) -> None:
+    """A Secret inflated past what any Secret can hold (3 MiB of junk) is one clear error from
+    read_current and publish, never parsed into memory, and never overwritten blindly."""
+    obj = secret_holding(THEIRS_NEWER)
+    obj["data"]["junk"] = _b64(b"j" * (3 * 1024 * 1024))
+    server.put_secret(obj, NS)
+    assert "larger than" in publish_error(sink.read_current)
+    assert "larger than" in publish_error(lambda: sink.publish(OURS))
+    assert server.requests["PUT"] == 0
+
+
+def test_a_relabelled_secret_is_taken_back(server: FakeApiServer, sink: SecretSink) -> None:
+    """Our own valid token, with the managed-by label removed by someone, is not adopted (it
+    may not be ours); the next publish writes ours and restores the label, keeping user keys."""
+    obj = secret_holding(THEIRS_NEWER)
+    obj["metadata"]["labels"] = {"team": "a"}
+    obj["data"]["user-key"] = _b64("keep me")
+    server.put_secret(obj, NS)
+    assert sink.read_current() is None
+    assert sink.publish(OURS) is OURS
+    stored = server.secret(NS, NAME)
+    assert stored is not None
+    assert stored["metadata"]["labels"] == {
+        "team": "a",
+        "app.kubernetes.io/managed-by": "ims-token-refresher",
+    }
+    assert server.secret_data(NS, NAME)["user-key"] == b"keep me"
+
+
+def test_a_conflicting_writer_with_a_forged_expiry_is_not_adopted(
+    server: FakeApiServer, sink: SecretSink
+) -> None:
+    """On a 409, a year-9999 token the other writer left is overwritten, not returned."""
+    server.put_secret(secret_holding(THEIRS_OLDER), NS)
+    server.bump_before_next_write(NS, NAME, FORGERIES["year-9999-expiry"])
+    assert sink.publish(OURS) is OURS
+    assert holds(server, OURS)
 
 
 # --- errors -------------------------------------------------------------------------
@@ -596,7 +732,7 @@ def test_kubernetes_is_imported_only_when_a_sink_is_built(kubeconfig: Path) -> N
         f"""
         import sys
         import refresher.cli, refresher.service, refresher.sinks.secret
-        from refresher.sinks.secret import SecretSink
+        from refresher.sinks.secret import SecretSink, _held_token
         from refresher.clock import SystemClock
         print("before", any(m.split(".")[0] == "kubernetes" for m in sys.modules))
         SecretSink("x", "team-a", clock=SystemClock(), kubeconfig={str(kubeconfig)!r},
@@ -625,7 +761,7 @@ for info in pkgutil.walk_packages(refresher.__path__, "refresher."):
     if info.name not in ("refresher.__main__", "refresher.emulator"):
         importlib.import_module(info.name)
 from refresher.clock import SystemClock
-from refresher.sinks.secret import SecretSink
+from refresher.sinks.secret import SecretSink, _held_token
 from refresher.token import AccessToken
 before = rss_mib()
 sink = SecretSink("adobe-ims-token", "team-a", clock=SystemClock(), kubeconfig=sys.argv[1],

@@ -59,6 +59,12 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # urllib3 prefixes its errors with object reprs and pool descriptions: noise in a log line.
 _NOISE = re.compile(r"<[^<>]*? object at 0x[0-9a-f]+>:?\s*|HTTPS?Connection(Pool)?\([^)]*\):\s*")
 _MAX_DETAIL = 200
+# What we parse of the API's answers. A Secret holds at most 1 MiB of data (base64 in
+# JSON: ~1.4 MiB); an answer past this cap is not a Secret we wrote, and is refused
+# unread rather than held in memory. token.json is a few hundred bytes; its base64 is
+# decoded and parsed only below a small cap.
+MAX_REPLY_BYTES = 2 * 1024 * 1024
+MAX_TOKEN_JSON_B64 = 16 * 1024
 
 _log = logging.getLogger(__name__)
 
@@ -72,6 +78,8 @@ class _Reply:
     status: int
     reason: str
     body: JsonObj | None
+    oversized: bool = False
+    """The body exceeded MAX_REPLY_BYTES and was not read."""
 
     @property
     def ok(self) -> bool:
@@ -146,13 +154,13 @@ class SecretSink:
 
     def read_current(self) -> AccessToken | None:
         current = self._get()
-        return _held_token(current) if current is not None else None
+        return _held_token(current, self._clock.now()) if current is not None else None
 
     def publish(self, token: AccessToken) -> AccessToken:
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             current = self._get()
             if current is not None:
-                held = _held_token(current)
+                held = _held_token(current, self._clock.now())
                 if held is not None and _same(held, token):
                     return token  # already there (e.g. our previous write's reply was lost)
                 if held is not None and _outlives(held, token, self._clock):
@@ -197,12 +205,14 @@ class SecretSink:
         # stringData would override data on the server; a read never has it, but a
         # hand-made Secret replayed here must not shadow the token.
         obj.pop("stringData", None)
-        meta = dict(obj.get("metadata") or {})
+        meta = _object(obj.get("metadata"))
         # Omitted managedFields are kept by the server; sending them back is only bytes.
         meta.pop("managedFields", None)
-        meta["labels"] = {**(meta.get("labels") or {}), MANAGED_BY_LABEL: MANAGER}
+        # Another writer may have left anything here; only string maps travel back (the
+        # apiserver would refuse the rest, and we must not crash on it).
+        meta["labels"] = {**_strings(meta.get("labels")), MANAGED_BY_LABEL: MANAGER}
         meta["annotations"] = {
-            **(meta.get("annotations") or {}),
+            **_strings(meta.get("annotations")),
             EXPIRES_AT_ANNOTATION: rfc3339(token.expires_at),
             REFRESHED_AT_ANNOTATION: rfc3339(self._clock.now()),
         }
@@ -211,7 +221,7 @@ class SecretSink:
             key: base64.b64encode(content).decode("ascii")
             for key, content in token.published_files().items()
         }
-        obj["data"] = {**(obj.get("data") or {}), **published}
+        obj["data"] = {**_strings(obj.get("data")), **published}
         return obj
 
     # --- HTTP ----------------------------------------------------------------------
@@ -219,7 +229,21 @@ class SecretSink:
     def _get(self) -> JsonObj | None:
         reply = self._send("GET", self._item_path)
         if reply.ok and reply.body is not None:
+            meta = reply.body.get("metadata")
+            if not isinstance(meta, dict) or not isinstance(meta.get("resourceVersion"), str):
+                # Without it, a PUT would have no precondition: refuse rather than guess.
+                raise PublishError(
+                    f'secrets/{self.secret_name} in namespace "{self.namespace}" came back '
+                    "without metadata.resourceVersion: not a Secret object; not written",
+                    sink=self.name,
+                )
             return reply.body
+        if reply.ok and reply.oversized:
+            raise PublishError(
+                f'secrets/{self.secret_name} in namespace "{self.namespace}" is larger than '
+                f"{MAX_REPLY_BYTES} bytes: not a Secret this refresher wrote; not read",
+                sink=self.name,
+            )
         if reply.status == 404 and reply.status_kind != "namespaces":
             return None
         raise self._error(reply, "get", None)
@@ -243,9 +267,11 @@ class SecretSink:
             response = self._kube.rest.request(
                 method, url, headers=headers, body=body, _request_timeout=self._timeout_s
             )
-            # Clients >= 37 return every status unread; older ones preload the body.
-            raw = response.read() if response.data is None else response.data
-            return _Reply(int(response.status), str(response.reason or ""), _parse(raw))
+            raw = _read_capped(response)
+            status, reason = int(response.status), str(response.reason or "")
+            if raw is None:
+                return _Reply(status, reason, None, oversized=True)
+            return _Reply(status, reason, _parse(raw))
         except self._kube.api_exception as exc:
             # Older clients raise on non-2xx; all raise TLS failures with status 0.
             # Never chain it: its str() carries the whole response, headers and body.
@@ -366,18 +392,36 @@ def _resolve_namespace(namespace: str | None, service_account_dir: Path) -> str:
     return namespace
 
 
-def _held_token(obj: JsonObj) -> AccessToken | None:
-    """The token in a Secret we manage; None if it is not ours, missing or garbled."""
-    labels = (obj.get("metadata") or {}).get("labels") or {}
-    if labels.get(MANAGED_BY_LABEL) != MANAGER:
+def _held_token(obj: JsonObj, now: datetime) -> AccessToken | None:
+    """The token in a Secret we manage; None if it is not ours, garbled or implausible.
+
+    Anyone allowed to write the Secret can plant anything in it, so nothing is assumed:
+    every level is type-checked, token.json is parsed only below a small cap, its
+    `access_token` must be the `access_token` key's bytes (one complete set, as we
+    write it), and the token must be plausible (`AccessToken.is_plausible`: issued not
+    in the future, no longer-lived than IMS grants), so a year-9999 expiry is never
+    adopted. A token that passes all this is one a replica of ours could have written.
+    """
+    meta = obj.get("metadata")
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    data = obj.get("data")
+    if not isinstance(labels, dict) or labels.get(MANAGED_BY_LABEL) != MANAGER:
         return None
-    encoded = (obj.get("data") or {}).get("token.json")
-    if not isinstance(encoded, str):
+    if not isinstance(data, dict):
+        return None
+    encoded, raw_value = data.get("token.json"), data.get("access_token")
+    if not isinstance(encoded, str) or not isinstance(raw_value, str):
+        return None
+    if len(encoded) > MAX_TOKEN_JSON_B64 or len(raw_value) > MAX_TOKEN_JSON_B64:
         return None
     try:
-        return AccessToken.from_document(json.loads(base64.b64decode(encoded, validate=True)))
-    except (binascii.Error, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        token = AccessToken.from_document(json.loads(base64.b64decode(encoded, validate=True)))
+        value = base64.b64decode(raw_value, validate=True).decode("ascii")
+    except (binascii.Error, ValueError, RecursionError):  # JSON and Unicode errors: ValueError
         return None
+    if value != token.value or not token.is_plausible(now):
+        return None
+    return token
 
 
 def _same(held: AccessToken, token: AccessToken) -> bool:
@@ -394,6 +438,7 @@ def _outlives(held: AccessToken, token: AccessToken, clock: Clock) -> bool:
     """
     return (
         held.client_id == token.client_id
+        and held.ims_endpoint == token.ims_endpoint
         and held.is_valid(clock.now())
         and held.expires_at >= _as_published(token.expires_at)
     )
@@ -403,6 +448,34 @@ def _as_published(instant: datetime) -> datetime:
     return instant.replace(microsecond=0)
 
 
+def _object(value: object) -> JsonObj:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _strings(value: object) -> dict[str, str]:
+    """The string-to-string entries of a map another writer left (anything else dropped)."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _read_capped(response: Any) -> bytes | None:
+    """The body, or None when it exceeds MAX_REPLY_BYTES (then the connection is closed
+    rather than drained). Clients >= 37 return every status unread; older ones preload."""
+    if response.data is not None:
+        raw = response.data
+        return None if len(raw) > MAX_REPLY_BYTES else bytes(raw)
+    inner = getattr(response, "response", None)
+    if inner is None or not hasattr(inner, "read"):
+        raw = response.read()
+        return None if len(raw) > MAX_REPLY_BYTES else bytes(raw)
+    raw = inner.read(MAX_REPLY_BYTES + 1)
+    if len(raw) > MAX_REPLY_BYTES:
+        inner.close()
+        return None
+    return bytes(raw)
+
+
 def _parse(raw: object) -> JsonObj | None:
     if isinstance(raw, str):
         raw = raw.encode()
@@ -410,8 +483,8 @@ def _parse(raw: object) -> JsonObj | None:
         return None
     try:
         body = json.loads(raw)
-    except ValueError:
-        return None  # an HTML error page from a proxy, say
+    except (ValueError, RecursionError):
+        return None  # an HTML error page from a proxy, say, or absurd nesting
     return body if isinstance(body, dict) else None
 
 
