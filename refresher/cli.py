@@ -251,7 +251,8 @@ def run_cli(argv: list[str], environ: dict[str, str]) -> int:
     try:
         return _dispatch(args, environ)
     except RefresherError as exc:
-        print(f"refresher: error: {exc}", file=sys.stderr)
+        hint = getattr(exc, "hint", None)  # IMS's rejections say what to fix
+        print(f"refresher: error: {exc}" + (f" (hint: {hint})" if hint else ""), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_OK
@@ -365,6 +366,7 @@ def _serve(command: str, settings: object, environ: dict[str, str]) -> int:
         else None
     )
     client = ImsClient(ims)
+    metrics.follow_clock_skew(lambda: client.clock_skew_s)
     service = Service(
         settings,
         clock=clock,
@@ -391,6 +393,7 @@ def _serve(command: str, settings: object, environ: dict[str, str]) -> int:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
         service.stop()
+        client.cancel()  # an exchange in flight ends now, not at its deadline
         wake_main.set()
 
     signal.signal(signal.SIGTERM, on_signal)

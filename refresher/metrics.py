@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from refresher import __version__
@@ -76,6 +78,12 @@ class Metrics:
             ["source"],
             registry=registry,
         )
+        self.clock_skew = Gauge(
+            "refresher_clock_skew_seconds",
+            "IMS's clock minus this node's, from the Date header of IMS's answers "
+            "(0 until measured, and within the header's 1 s resolution).",
+            registry=registry,
+        )
         self.build_info = Gauge(
             "refresher_build_info", "Build information.", ["version"], registry=registry
         )
@@ -90,3 +98,7 @@ class Metrics:
                 self.sink_write.labels(sink=sink, result=result)
         for result in ON_REFRESH_RESULTS:
             self.on_refresh.labels(result=result)
+
+    def follow_clock_skew(self, read: Callable[[], float]) -> None:
+        """Report the skew as `read()` says it at scrape time (the IMS client measures it)."""
+        self.clock_skew.set_function(read)
