@@ -7,14 +7,10 @@ real loopback sockets, and read IMS's shapes and units back.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import signal
 import socket
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -29,13 +25,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ims_emulator import (
-    AEM_CREDENTIALS_FILE,
     CA_FILE,
-    OAUTH_CREDENTIALS_FILE,
     Emulator,
     write_credentials,
 )
-from ims_emulator.cli import add_arguments
 from ims_emulator.control import is_loopback
 
 REPO = Path(__file__).resolve().parent.parent
@@ -693,121 +686,6 @@ def test_tls_verifies_with_the_written_ca_and_fails_without(tmp_path: Path) -> N
             assert requests.get(url, verify=str(secure.ca_path), timeout=TIMEOUT).ok
         with pytest.raises(requests.exceptions.SSLError):
             requests.get(secure.base_url + "/__emulator/stats", timeout=TIMEOUT)
-
-
-# ---------------------------------------------------------------- CLI and subprocess
-
-
-def _wait_for_port(port_file: Path, process: subprocess.Popen[str]) -> int:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if port_file.exists():
-            return int(port_file.read_text())
-        if process.poll() is not None:
-            pytest.fail(f"emulator exited early: {process.communicate()[1]}")
-        time.sleep(0.02)
-    pytest.fail("emulator did not write its port file")
-
-
-def _emulator_process(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ims_emulator", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def test_subprocess_serves_on_a_free_port_and_exits_0_on_sigterm(tmp_path: Path) -> None:
-    """`python -m ims_emulator --port 0 --port-file` serves, logs safely, stops on SIGTERM."""
-    creds, port_file = tmp_path / "creds", tmp_path / "port"
-    process = _emulator_process(
-        "--write-credentials", str(creds), "--port", "0", "--port-file", str(port_file)
-    )
-    try:
-        port = _wait_for_port(port_file, process)
-        base = f"http://127.0.0.1:{port}"
-        aem = json.loads((creds / AEM_CREDENTIALS_FILE).read_text())["integration"]
-        assert aem["imsEndpoint"] == f"127.0.0.1:{port}"
-        token = assertion(base, aem)
-        response = post_jwt(base, aem, token)
-        assert response.status_code == 200
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0
-    assert f"IMS emulator listening on {base} (credentials in {creds})" in stderr
-    assert "POST /ims/exchange/jwt 200 issued" in stderr
-    assert response.headers["x-debug-id"] in stderr
-    for secret in (aem["technicalAccount"]["clientSecret"], token, response.json()["access_token"]):
-        assert secret not in stderr
-
-    # A restart on the same directory accepts the same credentials.
-    port_file.unlink()
-    process = _emulator_process(
-        "--credentials-dir", str(creds), "--port", "0", "--port-file", str(port_file)
-    )
-    try:
-        restarted = f"http://127.0.0.1:{_wait_for_port(port_file, process)}"
-        assert post_jwt(restarted, aem).status_code == 200
-        process.send_signal(signal.SIGINT)
-        process.communicate(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0
-
-
-def test_credentials_dir_without_files_is_a_usage_error(tmp_path: Path) -> None:
-    """--credentials-dir on an empty directory exits 2 with a message, not a traceback."""
-    result = subprocess.run(
-        [sys.executable, "-m", "ims_emulator", "--credentials-dir", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 2
-    assert OAUTH_CREDENTIALS_FILE in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--fault", "teapot"],
-        ["--fault-mix", "500,teapot"],
-        ["--fail-rate", "1.5"],
-        ["--token-ttl", "0"],
-        ["--retry-after", "-1"],
-        ["--port", "70000"],
-    ],
-)
-def test_add_arguments_rejects_bad_flag_values(argv: list[str]) -> None:
-    """Bad fault kinds, rates, ttls and ports are refused by the parser (exit 2)."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    with pytest.raises(SystemExit) as excinfo:
-        parser.parse_args(argv)
-    assert excinfo.value.code == 2
-
-
-def test_add_arguments_gives_every_flag_a_help_text() -> None:
-    """Every emulator flag documents itself in --help."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) >= 15
-    assert all(action.help for action in flags)
-    args = parser.parse_args(["--fault", "503", "--fault", "429", "--fault-mix", "drop,delay"])
-    assert args.fault == ["503", "429"]
-    assert args.fault_mix == ("drop", "delay")
 
 
 # ---------------------------------------------------------------- secrets stay out of logs
