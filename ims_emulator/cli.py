@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -29,10 +29,10 @@ from ims_emulator.specs import (
     FAULT_KINDS,
     MAX_CLOCK_OFFSET_S,
     FaultSpec,
+    cert_days,
     clock_offset,
-    fault_kinds,
     integer,
-    number,
+    token_ttl,
 )
 
 __all__ = ["ENV_PREFIX", "SettingsError", "add_arguments", "build_parser", "main", "run"]
@@ -84,141 +84,86 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _fault_field(name: str) -> Callable[[str], Any]:
+    """The check of one `FaultSpec` field, as an argparse type: one rule for flag and API."""
+    check: Callable[[object], Any] = next(f for f in fields(FaultSpec) if f.name == name).metadata[
+        "check"
+    ]
+    return _checked(check)
+
+
+# (group, flag, kind, argparse keywords): the whole command line, declared once.
+_FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    ("listening", "--host", "value", {
+        "default": "127.0.0.1", "help": "address to listen on (default: %(default)s)"}),
+    ("listening", "--port", "value", {
+        "type": _checked(_port), "default": 8080,
+        "help": "port to listen on; 0 picks a free one (default: %(default)s)"}),
+    ("listening", "--port-file", "value", {
+        "type": Path, "metavar": "PATH",
+        "help": "write the bound port to this file (atomically) once listening"}),
+    ("listening", "--tls", "switch", {
+        "action": "store_true",
+        "help": "serve HTTPS with a generated CA; writes ca.pem into --tls-dir"}),
+    ("listening", "--tls-dir", "value", {
+        "type": Path, "metavar": "DIR",
+        "help": "where ca.pem (and its key, reused on restart) live (default: the credentials "
+        "dir)"}),
+    ("credentials", "--write-credentials", "value", {
+        "type": Path, "metavar": "DIR",
+        "help": f"generate {AEM_CREDENTIALS_FILE} and {OAUTH_CREDENTIALS_FILE} in DIR (mode "
+        "0600) and accept them; files already there are kept and accepted"}),
+    ("credentials", "--credentials-dir", "value", {
+        "type": Path, "metavar": "DIR",
+        "help": "accept the credentials already in DIR (written earlier by --write-credentials, "
+        "or a Developer Console project JSON)"}),
+    ("credentials", "--cert-days", "value", {
+        "type": _checked(cert_days), "default": 365.0, "metavar": "DAYS",
+        "help": "validity of generated certificates in days; fractional or negative for tests "
+        "(default: %(default)s)"}),
+    ("credentials", "--token-ttl", "value", {
+        "type": _checked(token_ttl), "default": 86400.0, "metavar": "SECONDS",
+        "help": "lifetime of issued access tokens, fractions allowed (default: %(default)s)"}),
+    ("fault injection and clock", "--fault", "list", {
+        "action": "append", "choices": FAULT_KINDS, "default": [], "metavar": "KIND",
+        "help": "queue a fault for the next token request; repeat to queue several, in order "
+        f"({', '.join(FAULT_KINDS)})"}),
+    ("fault injection and clock", "--fail-rate", "value", {
+        "type": _fault_field("fail_rate"), "default": DEFAULT_FAULTS.fail_rate,
+        "metavar": "RATE",
+        "help": "probability (0..1) that a token request gets a random fault from --fault-mix"}),
+    ("fault injection and clock", "--fault-mix", "value", {
+        "type": _fault_field("mix"), "default": ",".join(DEFAULT_FAULT_MIX), "metavar": "KINDS",
+        "help": "comma-separated fault kinds for --fail-rate (default: %(default)s)"}),
+    ("fault injection and clock", "--seed", "value", {
+        "type": _fault_field("seed"), "metavar": "N",
+        "help": "seed for the random faults, to replay a run exactly"}),
+    ("fault injection and clock", "--retry-after", "value", {
+        "type": _fault_field("retry_after"), "default": DEFAULT_FAULTS.retry_after,
+        "metavar": "SECONDS", "help": "Retry-After sent with 429 faults (default: %(default)s)"}),
+    ("fault injection and clock", "--delay-seconds", "value", {
+        "type": _fault_field("delay_seconds"), "default": DEFAULT_FAULTS.delay_seconds,
+        "metavar": "SECONDS",
+        "help": "how long a delay fault waits before answering (default: %(default)s)"}),
+    ("fault injection and clock", "--clock-offset", "value", {
+        "type": _checked(clock_offset), "default": 0.0, "metavar": "SECONDS",
+        "help": "run the emulator's clock (its Date header, how it judges a JWT's exp) this "
+        f"many seconds ahead, or behind if negative; at most {MAX_CLOCK_OFFSET_S:g} "
+        "(default: 0)"}),
+)  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> list[_Option]:
     """Add every emulator flag to `parser`; return them for the environment to fill."""
+    groups: dict[str, Any] = {}
     options: list[_Option] = []
-
-    def add(group: Any, name: str, kind: str = "value", **kwargs: Any) -> None:
-        action = group.add_argument(name, **kwargs)
-        action.help = f"{action.help} (env {_Option(action, kind).env_name})"
-        options.append(_Option(action, kind))
-
-    net = parser.add_argument_group("listening")
-    add(net, "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    add(
-        net,
-        "--port",
-        type=_checked(_port),
-        default=8080,
-        help="port to listen on; 0 picks a free one (default: %(default)s)",
-    )
-    add(
-        net,
-        "--port-file",
-        type=Path,
-        metavar="PATH",
-        help="write the bound port to this file (atomically) once listening",
-    )
-    add(
-        net,
-        "--tls",
-        "switch",
-        action="store_true",
-        help="serve HTTPS with a generated CA; writes ca.pem into --tls-dir",
-    )
-    add(
-        net,
-        "--tls-dir",
-        type=Path,
-        metavar="DIR",
-        help="where ca.pem (and its key, reused on restart) live (default: the credentials dir)",
-    )
-
-    creds = parser.add_argument_group("credentials")
-    add(
-        creds,
-        "--write-credentials",
-        type=Path,
-        metavar="DIR",
-        help=f"generate {AEM_CREDENTIALS_FILE} and {OAUTH_CREDENTIALS_FILE} in DIR (mode 0600) "
-        "and accept them; files already there are kept and accepted",
-    )
-    add(
-        creds,
-        "--credentials-dir",
-        type=Path,
-        metavar="DIR",
-        help="accept the credentials already in DIR (written earlier by --write-credentials, "
-        "or a Developer Console project JSON)",
-    )
-    add(
-        creds,
-        "--cert-days",
-        metavar="DAYS",
-        default=365.0,
-        type=_checked(lambda t: number(t, "cert days", minimum=-36500, maximum=36500)),
-        help="validity of generated certificates in days; fractional or negative for tests "
-        "(default: %(default)s)",
-    )
-    add(
-        creds,
-        "--token-ttl",
-        metavar="SECONDS",
-        default=86400.0,
-        type=_checked(lambda t: number(t, "token ttl", minimum=0.001, maximum=10 * 365 * 86400)),
-        help="lifetime of issued access tokens, fractions allowed (default: %(default)s)",
-    )
-
-    faults = parser.add_argument_group("fault injection and clock")
-    add(
-        faults,
-        "--fault",
-        "list",
-        action="append",
-        choices=FAULT_KINDS,
-        default=[],
-        metavar="KIND",
-        help="queue a fault for the next token request; repeat to queue "
-        f"several, in order ({', '.join(FAULT_KINDS)})",
-    )
-    add(
-        faults,
-        "--fail-rate",
-        metavar="RATE",
-        default=DEFAULT_FAULTS.fail_rate,
-        type=_checked(lambda t: number(t, "fail rate", minimum=0, maximum=1)),
-        help="probability (0..1) that a token request gets a random fault from --fault-mix",
-    )
-    add(
-        faults,
-        "--fault-mix",
-        metavar="KINDS",
-        default=",".join(DEFAULT_FAULT_MIX),
-        type=_checked(fault_kinds),
-        help="comma-separated fault kinds for --fail-rate (default: %(default)s)",
-    )
-    add(
-        faults,
-        "--seed",
-        metavar="N",
-        type=_checked(lambda t: integer(t, "seed", minimum=-(2**63))),
-        help="seed for the random faults, to replay a run exactly",
-    )
-    add(
-        faults,
-        "--retry-after",
-        metavar="SECONDS",
-        default=DEFAULT_FAULTS.retry_after,
-        type=_checked(lambda t: integer(t, "retry after")),
-        help="Retry-After sent with 429 faults (default: %(default)s)",
-    )
-    add(
-        faults,
-        "--delay-seconds",
-        metavar="SECONDS",
-        default=DEFAULT_FAULTS.delay_seconds,
-        type=_checked(lambda t: number(t, "delay seconds", minimum=0, maximum=3600)),
-        help="how long a delay fault waits before answering (default: %(default)s)",
-    )
-    add(
-        faults,
-        "--clock-offset",
-        metavar="SECONDS",
-        default=0.0,
-        type=_checked(clock_offset),
-        help="run the emulator's clock (its Date header, how it judges a JWT's exp) this many "
-        f"seconds ahead, or behind if negative; at most {MAX_CLOCK_OFFSET_S:g} (default: 0)",
-    )
+    for group_name, name, kind, keywords in _FLAGS:
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        action = groups[group_name].add_argument(name, **keywords)
+        option = _Option(action, kind)
+        action.help = f"{action.help} (env {option.env_name})"
+        options.append(option)
     return options
 
 

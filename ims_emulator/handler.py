@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ims_emulator import control
+from ims_emulator import control, errors
 from ims_emulator.errors import ImsError, bad_request
 from ims_emulator.exchange import exchange_jwt, exchange_oauth
 from ims_emulator.forms import body_is_a_form, request_form
@@ -53,7 +53,7 @@ _HTML_PAGES = {
 _JSON_FAULTS = {
     "500": (500, "server_error", "internal error"),
     "503": (503, "temporarily_unavailable", "service unavailable"),
-    "invalid_client": (401, "invalid_client", "invalid client_secret parameter"),
+    "invalid_client": (401, "invalid_client", errors.BAD_CLIENT_SECRET),
 }
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from ims_emulator import specs
 from ims_emulator.credentials import clients_in, ensure_credentials, existing_credentials
 from ims_emulator.handler import Handler
 from ims_emulator.specs import ClientSpec, FaultSpec
@@ -131,6 +132,7 @@ class Emulator:
         Raises OSError if the address cannot be bound, ValueError on bad settings.
         """
         state = State(token_ttl_s=token_ttl_s, tls=tls, clock_offset_s=clock_offset_s)
+        cert_days = specs.cert_days(cert_days)
         context, ca_path = None, None
         if tls:
             tls_home = tls_dir or credentials_dir

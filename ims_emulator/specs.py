@@ -26,10 +26,12 @@ __all__ = [
     "MAX_CLOCK_OFFSET_S",
     "ClientSpec",
     "FaultSpec",
+    "cert_days",
     "clock_offset",
     "fault_kinds",
     "integer",
     "number",
+    "token_ttl",
 ]
 
 # Every kind of injected fault. `invalid_client` is a permanent rejection
@@ -88,6 +90,16 @@ def integer(value: object, name: str, *, minimum: int = 0) -> int:
 def clock_offset(value: object) -> float:
     """Seconds the emulator's clock runs ahead (positive) or behind (negative)."""
     return number(value, "clock offset", minimum=-MAX_CLOCK_OFFSET_S, maximum=MAX_CLOCK_OFFSET_S)
+
+
+def token_ttl(value: object) -> float:
+    """The lifetime of issued tokens in seconds: a millisecond to ten years."""
+    return number(value, "token ttl", minimum=0.001, maximum=MAX_CLOCK_OFFSET_S)
+
+
+def cert_days(value: object) -> float:
+    """Validity of generated certificates in days; negative makes an expired one (tests)."""
+    return number(value, "cert days", minimum=-36500, maximum=36500)
 
 
 def fault_kinds(kinds: object) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from ims_emulator.specs import (
     ClientSpec,
     FaultSpec,
     clock_offset,
-    number,
+    token_ttl,
 )
 
 __all__ = ["State"]
@@ -27,9 +27,7 @@ class State:
     """The emulator's mutable state. Every method is safe to call from any thread."""
 
     def __init__(self, *, token_ttl_s: float, tls: bool, clock_offset_s: float = 0.0) -> None:
-        self.token_ttl_s = number(
-            token_ttl_s, "token_ttl_s", minimum=0.001, maximum=10 * 365 * 86400
-        )
+        self.token_ttl_s = token_ttl(token_ttl_s)
         self.tls = tls
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # ends injected delays at shutdown
