@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import stat
+import subprocess
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -247,6 +248,39 @@ def test_read_only_leftover_is_logged_and_never_fatal(
         leftover.chmod(0o700)
     assert (tmp_path / "access_token").read_text() == "token-value-0001"
     assert any("cannot remove the leftover" in r.getMessage() for r in caplog.records)
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    try:
+        done = subprocess.run(["chattr", flag, str(path)], capture_output=True, check=False)
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+def test_an_immutable_leftover_is_logged_and_never_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A leftover holding an immutable file (`chattr +i`: not even root may delete it)
+    stays, is logged once, and prepare and publish succeed."""
+    leftover = tmp_path / "..2020_01_01_00_00_00.x"
+    leftover.mkdir()
+    stuck = leftover / "access_token"
+    stuck.write_text("old")
+    if not _chattr("+i", stuck):
+        pytest.skip("chattr +i needs root and a filesystem that supports it")
+    try:
+        sink = FileSink(tmp_path, clock=FakeClock(T0))
+        with caplog.at_level(logging.WARNING, logger="refresher"):
+            sink.prepare()
+            sink.publish(make_token(1))
+            sink.publish(make_token(2))
+    finally:
+        _chattr("-i", stuck)
+    assert (tmp_path / "access_token").read_text() == "token-value-0002"
+    warnings = [r for r in caplog.records if "cannot remove the leftover" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "Operation not permitted" in warnings[0].getMessage()
 
 
 def test_cleanup_failure_does_not_fail_a_publish(tmp_path: Path) -> None:
