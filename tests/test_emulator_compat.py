@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import socket
 import time
@@ -336,3 +337,28 @@ def _stranger_key_pem() -> str:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode()
+
+
+# ---------------------------------------------------------------- attacks on the new surfaces
+
+
+def test_a_fifo_or_a_huge_json_among_the_credentials_is_skipped_not_a_hang(tmp_path: Path) -> None:
+    """Scanning the credentials dir for project JSON opens regular files only (a planted FIFO
+    named *.json would block forever) and reads at most 1 MiB of each."""
+    os.mkfifo(tmp_path / "planted.json")
+    (tmp_path / "huge.json").write_bytes(b'{"project": "' + b"x" * (2 * 1024 * 1024) + b'"}')
+    started_at = time.monotonic()
+    with Emulator.start(tmp_path) as started:
+        assert time.monotonic() - started_at < 10
+        response = requests.post(
+            started.base_url + "/ims/token/v3", data=oauth_form(started), timeout=TIMEOUT
+        )
+        assert response.status_code == 200, response.text
+
+
+def test_a_query_string_of_too_many_fields_is_a_bad_request(ims: Emulator) -> None:
+    """More than 50 fields (query and body together) is 400 bad_request, not a crash."""
+    params = {f"field{i}": "x" for i in range(60)}
+    response = requests.post(ims.base_url + "/ims/token/v3", params=params, timeout=TIMEOUT)
+    assert_ims_error(response, 400, "bad_request")
+    assert requests.post(ims.base_url + "/ims/token/v3", data=oauth_form(ims), timeout=TIMEOUT).ok
