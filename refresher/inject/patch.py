@@ -9,7 +9,6 @@ last); any other changed list or value is replaced whole.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 Operation = dict[str, Any]
@@ -27,13 +26,26 @@ def _pointer(path: str, token: str | int) -> str:
 
 
 def _same(a: Any, b: Any) -> bool:
-    # Python's == says True == 1 and 1 == 1.0; JSON (and the API server) tell them apart.
+    """Equal as JSON values. Python's == says True == 1 and 1 == 1.0; JSON (and the API
+    server) tell them apart, so the types must match too."""
     if a is b:
         return True
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(value, b[key]) for key, value in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and _same_items(a, b)
+    return bool(a == b)
+
+
+def _same_items(a: list[Any], b: list[Any]) -> bool:
+    return all(_same(x, y) for x, y in zip(a, b, strict=True))
 
 
 def _diff(old: Any, new: Any, path: str, out: list[Operation]) -> None:
+    if old is new:  # a part that injection did not copy: nothing changed below it
+        return
     if isinstance(old, dict) and isinstance(new, dict):
         for key in old:
             if key not in new:
@@ -51,9 +63,9 @@ def _diff(old: Any, new: Any, path: str, out: list[Operation]) -> None:
 
 def _diff_list(old: list[Any], new: list[Any], path: str, out: list[Operation]) -> None:
     grown = len(new) - len(old)
-    if grown > 0 and _same(new[: len(old)], old):
+    if grown > 0 and _same_items(new[: len(old)], old):
         out.extend({"op": "add", "path": f"{path}/-", "value": item} for item in new[len(old) :])
-    elif grown > 0 and _same(new[grown:], old):
+    elif grown > 0 and _same_items(new[grown:], old):
         out.extend(
             {"op": "add", "path": f"{path}/{index}", "value": item}
             for index, item in enumerate(new[:grown])

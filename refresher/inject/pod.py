@@ -8,7 +8,6 @@ webhook feeds it whatever the API server, or an attacker, sends).
 
 from __future__ import annotations
 
-import copy
 import posixpath
 import re
 from collections.abc import Mapping
@@ -74,7 +73,8 @@ class Options:
 class Outcome:
     result: Literal["injected", "unchanged"]
     pod: Obj
-    """The injected copy, or (unchanged) a shallow copy of the input."""
+    """The injected pod, or (unchanged) a shallow copy of the input. It shares what did not
+    change with the input: treat both as immutable, or copy."""
     reason: str
     """Why: "injected", "not opted in" or "already injected"."""
 
@@ -100,10 +100,12 @@ def inject_pod(template: Mapping[str, Any], *, image: str = DEFAULT_IMAGE) -> Ou
     if annotations.get(STATUS) == INJECTED and CONTAINER in _names(spec, "initContainers"):
         return Outcome("unchanged", dict(template), "already injected")
     options = parse_options(annotations)
-    pod: Obj = copy.deepcopy(dict(template))
-    _inject_spec(pod["spec"], options, image)
-    metadata = pod["metadata"]
-    metadata["annotations"] = {**(metadata.get("annotations") or {}), STATUS: INJECTED}
+    spec = _injected_spec(spec, options, image)
+    metadata = template["metadata"]
+    annotations = {**(metadata.get("annotations") or {}), STATUS: INJECTED}
+    # Copied along the paths that change only: the rest is shared with the input (which
+    # is never mutated), so that the webhook's diff skips it by identity.
+    pod = {**template, "metadata": {**metadata, "annotations": annotations}, "spec": spec}
     return Outcome("injected", pod, INJECTED)
 
 
@@ -205,36 +207,53 @@ def _names(spec: Mapping[str, Any], key: str) -> list[str]:
     return [str(item.get("name")) for item in _objects(spec, key, "spec")]
 
 
-def _inject_spec(spec: Obj, options: Options, image: str) -> None:
+def _injected_spec(spec: Mapping[str, Any], options: Options, image: str) -> Obj:
     apps = _objects(spec, "containers", "spec")
     if not apps:
         raise Refused("spec.containers must list at least one container")
     _check_collisions(spec)
-    selected = _selected(apps, options)
-    for container in selected:
-        _check_token_path(container, options.token_path)
+    selected = {id(container) for container in _selected(apps, options)}
     mount = {"name": TOKEN_VOLUME, "mountPath": options.token_path, "readOnly": True}
-    for container in selected:
-        _objects(container, "volumeMounts", f"container {container.get('name')}")
-        container.setdefault("volumeMounts", []).append(dict(mount))
-    inits = [refresher_container(options, image), *_objects(spec, "initContainers", "spec")]
-    if "initContainers" not in spec:
-        # Written before `containers`, where people look for it in the YAML.
-        items = list(spec.items())
-        spec.clear()
-        for key, value in items:
-            if key == "containers":
-                spec["initContainers"] = inits
-            spec[key] = value
-    spec["initContainers"] = inits
-    spec["volumes"] = [*_objects(spec, "volumes", "spec"), *volumes(options)]
+    containers = [
+        _with_mount(app, mount, options.token_path) if id(app) in selected else app for app in apps
+    ]
     context = spec.get("securityContext")
-    if context is None:
-        context = spec["securityContext"] = {}
-    if not isinstance(context, dict):
+    if context is not None and not isinstance(context, Mapping):
         raise Refused("spec.securityContext must be an object")
-    # The token files are 0440: the application reads them through this group.
-    context.setdefault("fsGroup", UID)
+    changes: Obj = {
+        "initContainers": [
+            refresher_container(options, image),
+            *_objects(spec, "initContainers", "spec"),
+        ],
+        "containers": containers,
+        "volumes": [*_objects(spec, "volumes", "spec"), *volumes(options)],
+    }
+    if context is None or "fsGroup" not in context:
+        # The token files are 0440: the application reads them through this group.
+        changes["securityContext"] = {**(context or {}), "fsGroup": UID}
+    injected: Obj = {}
+    for key, value in spec.items():
+        if key == "containers" and "initContainers" not in spec:
+            injected["initContainers"] = None  # written before containers, where people look
+        injected[key] = value
+    injected.update(changes)
+    return injected
+
+
+def _with_mount(container: Obj, mount: Obj, token_path: str) -> Obj:
+    """A copy of `container` that also mounts the token volume (read-only) at token-path."""
+    name = container.get("name")
+    mounts = _objects(container, "volumeMounts", f"container {name}")
+    for existing in mounts:
+        # Replacing that mount would hide the user's volume; skipping the container
+        # would leave it without a token in a pod that looks injected: refuse.
+        path = str(existing.get("mountPath", "")).rstrip("/")
+        if path == token_path or path.startswith(token_path + "/"):
+            raise Refused(
+                f"container {name} already mounts volume {existing.get('name')} at"
+                f" {existing.get('mountPath')} (annotation {PREFIX}{TOKEN_PATH}: {token_path})"
+            )
+    return {**container, "volumeMounts": [*mounts, dict(mount)]}
 
 
 def _check_collisions(spec: Mapping[str, Any]) -> None:
@@ -262,22 +281,6 @@ def _selected(apps: list[Obj], options: Options) -> list[Obj]:
         if name not in by_name:
             _invalid(CONTAINERS, name, "not a container of this pod")
     return [by_name[name] for name in options.containers]
-
-
-def _check_token_path(container: Obj, token_path: str) -> None:
-    """Refuse a container that already mounts something at or under token-path.
-
-    Replacing that mount would hide the user's volume, and skipping the container
-    would leave it without a token in a pod that looks injected.
-    """
-    name = container.get("name")
-    for mount in _objects(container, "volumeMounts", f"container {name}"):
-        path = str(mount.get("mountPath", "")).rstrip("/")
-        if path == token_path or path.startswith(token_path + "/"):
-            raise Refused(
-                f"container {name} already mounts volume {mount.get('name')} at"
-                f" {mount.get('mountPath')} (annotation {PREFIX}{TOKEN_PATH}: {token_path})"
-            )
 
 
 # --- what is added --------------------------------------------------------------
