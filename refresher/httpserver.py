@@ -218,6 +218,7 @@ class HttpServer:
             elif conn.out:
                 if self._flush(conn):
                     self._advance(conn)
+                    self._read_pending(conn)
             elif conn.state == _LINGER:
                 self._drain(conn)
             else:
@@ -365,14 +366,19 @@ class HttpServer:
                 self._arm(conn, "head")  # a new request on a kept-alive connection
             conn.buf += data
             self._advance(conn)
-            # TLS may hold decrypted bytes the selector cannot see: read them now.
-            sock = conn.sock
-            if not (isinstance(sock, ssl.SSLSocket) and conn in self._conns and not conn.out):
+            if not self._has_pending(conn):
                 return
-            if not sock.pending():
-                return
-            if conn.state not in (_HEAD, _BODY):
-                return
+
+    def _has_pending(self, conn: _Conn) -> bool:
+        """TLS may hold decrypted bytes the selector cannot see, to be read now."""
+        sock = conn.sock
+        if conn not in self._conns or conn.out or conn.state not in (_HEAD, _BODY):
+            return False
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+
+    def _read_pending(self, conn: _Conn) -> None:
+        if self._has_pending(conn):
+            self._read(conn)
 
     def _advance(self, conn: _Conn) -> None:
         """Parse and answer whatever complete requests the buffer holds."""
