@@ -92,7 +92,8 @@ def _fault_field(name: str) -> Callable[[str], Any]:
     return _checked(check)
 
 
-# (group, flag, kind, argparse keywords): the whole command line, declared once.
+# (group, flag, kind, argparse keywords): the whole command line, declared once. The
+# fault flags store under FaultSpec's field names (`--fault` appends to `queue`).
 _FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("listening", "--host", "value", {
         "default": "127.0.0.1", "help": "address to listen on (default: %(default)s)"}),
@@ -126,6 +127,7 @@ _FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
         "help": "lifetime of issued access tokens, fractions allowed (default: %(default)s)"}),
     ("fault injection and clock", "--fault", "list", {
         "action": "append", "choices": FAULT_KINDS, "default": [], "metavar": "KIND",
+        "dest": "queue",
         "help": "queue a fault for the next token request; repeat to queue several, in order "
         f"({', '.join(FAULT_KINDS)})"}),
     ("fault injection and clock", "--fail-rate", "value", {
@@ -134,6 +136,7 @@ _FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
         "help": "probability (0..1) that a token request gets a random fault from --fault-mix"}),
     ("fault injection and clock", "--fault-mix", "value", {
         "type": _fault_field("mix"), "default": ",".join(DEFAULT_FAULT_MIX), "metavar": "KINDS",
+        "dest": "mix",
         "help": "comma-separated fault kinds for --fail-rate (default: %(default)s)"}),
     ("fault injection and clock", "--seed", "value", {
         "type": _fault_field("seed"), "metavar": "N",
@@ -297,16 +300,8 @@ def _start(args: argparse.Namespace, credentials_dir: Path | None) -> Emulator |
 def _serve(
     args: argparse.Namespace, credentials_dir: Path | None, stop: threading.Event | None
 ) -> int:
-    faults = FaultSpec.from_mapping(
-        {
-            "queue": args.fault,
-            "fail_rate": args.fail_rate,
-            "mix": args.fault_mix,
-            "retry_after": args.retry_after,
-            "delay_seconds": args.delay_seconds,
-            "seed": args.seed,
-        }
-    )
+    # The fault flags' dests are FaultSpec's field names: nothing to translate.
+    faults = FaultSpec.from_mapping({f.name: getattr(args, f.name) for f in fields(FaultSpec)})
     emulator = _start(args, credentials_dir)
     if isinstance(emulator, int):
         return emulator

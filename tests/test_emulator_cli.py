@@ -152,8 +152,8 @@ def test_add_arguments_gives_every_flag_a_help_text() -> None:
     assert len(flags) >= 15
     assert all(action.help for action in flags)
     args = parser.parse_args(["--fault", "503", "--fault", "429", "--fault-mix", "drop,delay"])
-    assert args.fault == ["503", "429"]
-    assert args.fault_mix == ("drop", "delay")
+    assert args.queue == ["503", "429"]
+    assert args.mix == ("drop", "delay")
 
 
 def test_help_of_both_entry_points_documents_the_flags_and_their_environment() -> None:
@@ -182,12 +182,14 @@ def test_settings_come_from_ims_emulator_variables_and_refresher_ones_are_not_re
         "IMS_EMULATOR_PORT_FILE": str(port_file),
         "IMS_EMULATOR_WRITE_CREDENTIALS": str(creds),
         "IMS_EMULATOR_CLOCK_OFFSET": "-30",
+        "IMS_EMULATOR_FAULT": "503",
         "REFRESHER_PORT": "not-a-port",
     }
     process = _emulator_process(command=VIA_REFRESHER, env=env)
     try:
         base = f"http://127.0.0.1:{_wait_for_port(port_file, process)}"
         aem = json.loads((creds / AEM_CREDENTIALS_FILE).read_text())["integration"]
+        assert post_jwt(base, aem).status_code == 503  # the queued fault, from the environment
         response = post_jwt(base, aem)
         assert response.status_code == 200
     finally:
@@ -206,8 +208,8 @@ def test_a_flag_on_the_command_line_wins_over_its_variable(tmp_path: Path) -> No
     argv = ["--fault-mix", "500"]
     apply_environment(parser, options, argv, env)
     args = parser.parse_args(argv)
-    assert args.fault_mix == ("500",)
-    assert args.fault == ["503", "429"]
+    assert args.mix == ("500",)
+    assert args.queue == ["503", "429"]
 
 
 def _exit_of(argv: list[str], env: dict[str, str]) -> int:
