@@ -92,6 +92,13 @@ _SCHEDULE = [
     Flag("watch-interval", "stat the credentials for changes this often, seconds [5]", "S"),
 ]
 _ONCE = [Flag("retry-timeout", "give up retrying after this many seconds [120]", "S")]
+_CHECK = [
+    Flag(
+        "online",
+        "then exchange once and report what IMS granted or why it refused (never the token)",
+        boolean=True,
+    )
+]
 _SERVER = [
     Flag(
         "listen", "HOST:PORT of /healthz, /readyz, /metrics; empty disables [0.0.0.0:9876]", "ADDR"
@@ -113,6 +120,10 @@ COMMANDS: dict[str, tuple[str, list[Flag]]] = {
     ),
     "check": (
         "validate configuration and credentials offline and print a summary (no secrets)",
+        _CREDENTIALS + _EXCHANGE + _CHECK + _LOGGING,
+    ),
+    "token": (
+        "exchange once and print only the access token on stdout (logs on stderr)",
         _CREDENTIALS + _EXCHANGE + _LOGGING,
     ),
 }
@@ -272,13 +283,19 @@ def _dispatch(args: argparse.Namespace, environ: dict[str, str]) -> int:
         from refresher import inject_cli  # noqa: PLC0415
 
         return inject_cli.run(args)
-    settings = build_settings(_raw(args, COMMANDS[command][1]), needs_output=command != "check")
-    if command == "check":
-        return _check(settings)
+    settings = build_settings(
+        _raw(args, COMMANDS[command][1]), needs_output=command not in ("check", "token")
+    )
+    if command in ("check", "token"):
+        return _check(
+            settings, online=bool(getattr(args, "online", False)), token=command == "token"
+        )
     return _serve(command, settings, environ)
 
 
-def _check(settings: object) -> int:
+def _check(settings: object, *, online: bool = False, token: bool = False) -> int:
+    """`check` (offline, then `--online` one exchange); `token`: the same checks, then the
+    token alone on stdout."""
     from refresher.clock import EventSleeper, SystemClock  # noqa: PLC0415
     from refresher.config import Settings, ims_base_url, plain_http_problem  # noqa: PLC0415
     from refresher.credentials import load_settled  # noqa: PLC0415
@@ -292,10 +309,16 @@ def _check(settings: object) -> int:
     problem = plain_http_problem(
         base,
         allow_insecure_http=settings.ims.allow_insecure_http,
-        origin="the IMS endpoint" if settings.ims.endpoint else "imsEndpoint",
+        origin="the IMS endpoint in the credentials",
     )
     if problem is not None:  # the same words and exit code as `once` and `run`
         raise CredentialsError(problem, source=credentials.source)
+    if token:
+        from refresher import online as exchange  # noqa: PLC0415
+
+        return exchange.print_token(
+            settings, credentials, exchange.start_logging(settings, credentials)
+        )
     lines: list[tuple[str, object]] = [("flow", credentials.flow), ("ims", base)]
     lines += [
         (k, v)
@@ -312,6 +335,13 @@ def _check(settings: object) -> int:
     if not_after is not None and (not_after - SystemClock().now()).total_seconds() <= 0:
         print("refresher: error: the credentials' certificate has expired", file=sys.stderr)
         return EXIT_USAGE
+    if online:
+        from refresher import online as exchange  # noqa: PLC0415
+
+        secrets = exchange.start_logging(settings, credentials)
+        return exchange.check_online(
+            settings, credentials, secrets, lambda k, v: print(f"{k}: {v}")
+        )
     return EXIT_OK
 
 

@@ -3,6 +3,8 @@ text no rule knows gets none (never a wrong one)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from refresher.hints import RULES, diagnose, hint_for
@@ -81,3 +83,11 @@ def test_the_hints_name_what_to_fix() -> None:
     assert "--ims-audience" in (
         hint_for(400, "invalid_client", "JWT aud does not match the client_id") or ""
     )
+
+
+def test_the_readme_troubleshooting_table_lists_every_hint() -> None:
+    """README's troubleshooting section carries each hint verbatim, beside the IMS text."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Troubleshooting") :]
+    for rule in RULES:
+        assert f"| {rule.hint} |" in section, rule.kind

@@ -1,0 +1,108 @@
+"""`refresher token` and `refresher check --online`: one exchange, for a person at a shell.
+
+One attempt, no retry loop, no sinks: all client secrets in turn during a rotation, and a
+JWT re-signed at once when IMS's clock explains a rejection, as in `once`; then the exit
+code `once` would give (0, 1 failed at run time, 3 rejected). Logs go to stderr, so that
+stdout carries only what was asked for: the token, or the report (never the token).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+import jwt
+
+from refresher.clock import SystemClock
+from refresher.config import Settings
+from refresher.credentials import Credentials
+from refresher.errors import EXIT_OK, ExchangeError, Rejected
+from refresher.ims import ImsClient
+from refresher.logs import SecretRegistry, setup_logging
+from refresher.token import AccessToken, rfc3339
+
+log = logging.getLogger(__name__)
+
+
+def start_logging(settings: Settings, credentials: Credentials | None = None) -> SecretRegistry:
+    """Log lines on stderr, with the credentials' secrets registered for scrubbing."""
+    secrets = SecretRegistry()
+    setup_logging(settings.log_format, settings.log_level, secrets, stream=sys.stderr)
+    if credentials is not None:
+        secrets.add(*credentials.client_secrets)
+    return secrets
+
+
+def _exchange(client: ImsClient, credentials: Credentials, secrets: SecretRegistry) -> AccessToken:
+    try:
+        token = client.exchange(credentials, SystemClock().now)
+    except ExchangeError as exc:
+        log.error("IMS exchange failed: %s", exc, extra=exc.log_fields())
+        raise
+    finally:
+        client.close()
+    secrets.add(token.value)
+    return token
+
+
+def print_token(
+    settings: Settings,
+    credentials: Credentials,
+    secrets: SecretRegistry,
+    out: TextIO | None = None,
+) -> int:
+    """The token alone on stdout (a newline only for a terminal: `$(...)` and files get
+    the bare value, like the published `access_token`). Raises ExchangeError."""
+    stream = out or sys.stdout
+    token = _exchange(ImsClient(settings.ims), credentials, secrets)
+    stream.write(token.value + ("\n" if stream.isatty() else ""))
+    stream.flush()
+    log.info(
+        "obtained a new access token",
+        extra={"flow": token.flow, "expires_at": rfc3339(token.expires_at)},
+    )
+    return EXIT_OK
+
+
+def granted_scopes(access_token: str) -> list[str] | None:
+    """The `scope` claim of an IMS token (read unverified, as IMS's own clients do)."""
+    try:
+        claims = jwt.decode(access_token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    scope = claims.get("scope") if isinstance(claims, dict) else None
+    if not isinstance(scope, str):
+        return None
+    return [s for s in (part.strip() for part in scope.split(",")) if s]
+
+
+def check_online(
+    settings: Settings,
+    credentials: Credentials,
+    secrets: SecretRegistry,
+    say: Callable[[str, object], None],
+) -> int:
+    """Exchange once and `say` what IMS granted, or its rejection with the hint."""
+    client = ImsClient(settings.ims)
+    try:
+        token = _exchange(client, credentials, secrets)
+    except ExchangeError as exc:
+        say("online", "rejected" if isinstance(exc, Rejected) else "failed")
+        say("reason", exc)
+        for key, value in exc.log_fields().items():
+            if value is not None and key != "retry_after_s":
+                say(key, value)
+        say("clock_skew_s", client.clock_skew_s)
+        return exc.exit_code
+    scopes = granted_scopes(token.value)
+    say("online", "ok")
+    if scopes is not None:
+        say("granted_scopes", ", ".join(scopes))
+    else:
+        say("requested_scopes", ", ".join(credentials.metascopes or credentials.scopes))
+    say("lifetime_s", int(token.lifetime.total_seconds()))
+    say("expires_at", rfc3339(token.expires_at))
+    say("clock_skew_s", client.clock_skew_s)
+    return EXIT_OK
