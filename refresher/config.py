@@ -18,6 +18,17 @@ from refresher.errors import ConfigError
 
 DEFAULT_IMS_HOST = "ims-na1.adobelogin.com"
 
+# Upper bounds of the duration flags. Each is far past any sensible setting; beyond it
+# a value is a typo, refused with exit 2 (see _duration).
+MAX_TIMEOUT_S = 3600.0
+"""Network timeouts and the --on-refresh timeout."""
+MAX_BACKOFF_S = 3600.0
+"""Backoff delays: as long as the longest Retry-After we honour."""
+MAX_PAUSE_S = 86400.0
+"""The pause after a rejection, and `once`'s whole --retry-timeout."""
+MAX_WATCH_INTERVAL_S = 3600.0
+"""The credentials are stat()ed at least this often; probes see a heartbeat as often."""
+
 Flow = Literal["auto", "jwt", "oauth"]
 T = TypeVar("T")
 
@@ -92,6 +103,16 @@ def ims_base_url(endpoint: str | None) -> str:
     return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
 
 
+def plain_http_problem(base_url: str, *, allow_insecure_http: bool, origin: str) -> str | None:
+    """The one rule for plain HTTP: refused unless `--allow-insecure-http`. Returns the
+    problem as one line (None if fine); `origin` says where the URL came from
+    ("--ims-endpoint", "imsEndpoint in the credentials"), so every subcommand gives the
+    same verdict in the same words."""
+    if base_url.startswith("https://") or allow_insecure_http:
+        return None
+    return f"{origin} {base_url} is plain HTTP: pass --allow-insecure-http to permit it"
+
+
 class _Collector:
     """Collects every validation problem so the user sees them all in one line."""
 
@@ -115,14 +136,33 @@ class _Collector:
             self.problems.append(message)
 
 
-def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
-    def parse_positive(text: str) -> float:
-        value = parse(text)
-        if not value > 0:
-            raise ValueError("must be > 0")
+def _duration(limit_s: float) -> Callable[[str], float]:
+    """Seconds in (0, limit_s]. Refused, not clamped: a value past the limit is a typo
+    (ms for s), and `inf`, `nan` or 1e300 would reach `Event.wait`, `timedelta` or a
+    deadline sum as an OverflowError deep in the loop."""
+
+    def parse_duration(text: str) -> float:
+        value = float(text)
+        if not 0 < value <= limit_s:  # also false for NaN
+            raise ValueError(f"must be a number of seconds in (0, {limit_s:g}]")
         return value
 
-    return parse_positive
+    return parse_duration
+
+
+def _whole_seconds(limit_s: int) -> Callable[[str], int]:
+    """Integer seconds in [1, limit_s] (`--jwt-ttl`: the JWT's `exp` is whole seconds)."""
+
+    def parse_whole(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("must be a whole number of seconds") from None
+        if not 1 <= value <= limit_s:
+            raise ValueError(f"must be between 1 and {limit_s} seconds")
+        return value
+
+    return parse_whole
 
 
 def _fraction(text: str) -> float:
@@ -202,11 +242,10 @@ def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Sett
     allow_http = c.get("allow_insecure_http", _bool, False)
     if endpoint:
         try:
-            base = ims_base_url(endpoint)
-            c.require(
-                base.startswith("https://") or allow_http,
-                f"--ims-endpoint {base} is plain HTTP: pass --allow-insecure-http to permit it",
+            problem = plain_http_problem(
+                ims_base_url(endpoint), allow_insecure_http=allow_http, origin="--ims-endpoint"
             )
+            c.require(problem is None, problem or "")
         except ConfigError as exc:
             c.problems.append(str(exc))
     ca_bundle = c.get("ca_bundle", Path, None)
@@ -216,13 +255,13 @@ def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Sett
         endpoint=endpoint,
         allow_insecure_http=allow_http,
         ca_bundle=ca_bundle,
-        jwt_ttl_s=int(c.get("jwt_ttl", _positive(float), 300.0)),
-        connect_timeout_s=c.get("connect_timeout", _positive(float), 5.0),
-        read_timeout_s=c.get("read_timeout", _positive(float), 15.0),
+        # IMS rejects JWTs that live longer than a day.
+        jwt_ttl_s=c.get("jwt_ttl", _whole_seconds(86400), 300),
+        connect_timeout_s=c.get("connect_timeout", _duration(MAX_TIMEOUT_S), 5.0),
+        read_timeout_s=c.get("read_timeout", _duration(MAX_TIMEOUT_S), 15.0),
         audience=c.get("ims_audience", ims_base_url, None),
         min_token_lifetime_s=c.get("min_token_lifetime", _seconds_up_to(86400.0), 1.0),
     )
-    c.require(ims.jwt_ttl_s <= 86400, "--jwt-ttl must be at most 86400 s (IMS rejects longer)")
     ratio = c.get("refresh_ratio", _fraction, 0.8)
     c.require(ratio > 0, "--refresh-ratio must be > 0")
     jitter = c.get("jitter", _fraction, 0.1)
@@ -230,11 +269,11 @@ def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Sett
     schedule = ScheduleSettings(
         refresh_ratio=ratio,
         jitter=jitter,
-        backoff_initial_s=c.get("backoff_initial", _positive(float), 1.0),
-        backoff_max_s=c.get("backoff_max", _positive(float), 60.0),
-        permanent_retry_s=c.get("permanent_retry_interval", _positive(float), 300.0),
-        retry_timeout_s=c.get("retry_timeout", _positive(float), 120.0),
-        watch_interval_s=c.get("watch_interval", _positive(float), 5.0),
+        backoff_initial_s=c.get("backoff_initial", _duration(MAX_BACKOFF_S), 1.0),
+        backoff_max_s=c.get("backoff_max", _duration(MAX_BACKOFF_S), 60.0),
+        permanent_retry_s=c.get("permanent_retry_interval", _duration(MAX_PAUSE_S), 300.0),
+        retry_timeout_s=c.get("retry_timeout", _duration(MAX_PAUSE_S), 120.0),
+        watch_interval_s=c.get("watch_interval", _duration(MAX_WATCH_INTERVAL_S), 5.0),
     )
     token_dir = c.get("token_dir", Path, None)
     secret_name = raw.get("secret") or None
@@ -244,7 +283,7 @@ def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Sett
         secret_name=secret_name,
         secret_namespace=raw.get("secret_namespace") or None,
         on_refresh=c.get("on_refresh", _command, ()),
-        on_refresh_timeout_s=c.get("on_refresh_timeout", _positive(float), 30.0),
+        on_refresh_timeout_s=c.get("on_refresh_timeout", _duration(MAX_TIMEOUT_S), 30.0),
     )
     if needs_output:
         c.require(

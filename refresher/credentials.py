@@ -35,7 +35,8 @@ anything a writer in the middle of its work can produce, and nothing else:
 - JSON that ends early (a prefix of a valid document), UTF-8 cut inside a
   character at the very end, a per-field PEM with BEGIN but no END line.
 
-Permanent: PATH missing, unreadable, not a regular file or directory, larger
+Permanent: PATH missing, unreadable, not a regular file or directory (a FIFO or
+device anywhere is refused, never opened for a blocking read), larger
 than 1 MiB, not UTF-8, invalid JSON (the error lies before the end), a JSON
 value that is not an object, wrong types, missing fields, a key that is not
 RSA, a wrong or missing passphrase, a key that does not match the certificate.
@@ -49,11 +50,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import functools
 import json
+import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -76,13 +79,24 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from refresher.errors import CredentialsError, CredentialsNotReady
 
-__all__ = ["MAX_FILE_BYTES", "Credentials", "change_signature", "load_credentials"]
+__all__ = [
+    "MAX_FILE_BYTES",
+    "SETTLE_S",
+    "Credentials",
+    "change_signature",
+    "load_credentials",
+    "load_settled",
+]
 
 Flow = Literal["jwt", "oauth"]
 
 # Credentials files are a few KiB; anything this large is a wrong path (a log, a
 # tarball), and reading it on every attempt would not be cheap.
 MAX_FILE_BYTES: Final = 1 << 20
+
+# How long a not-ready read must stay unchanged to be called broken (SPEC: "a moment
+# apart, at most 2 s"). Writers, kubelet's swap included, finish far sooner.
+SETTLE_S: Final = 1.0
 
 # kubelet's atomic-writer layout: PATH/..data -> ..<timestamp>/, PATH/<key> -> ..data/<key>.
 _DATA_LINK: Final = "..data"
@@ -187,6 +201,52 @@ def load_credentials(path: Path, *, flow: Literal["auto", "jwt", "oauth"] = "aut
     return _build(raw, flow)
 
 
+def load_settled(
+    path: Path,
+    *,
+    flow: Literal["auto", "jwt", "oauth"] = "auto",
+    wait: Callable[[float], bool],
+    load: Callable[..., Credentials] = load_credentials,
+    settle_s: float = SETTLE_S,
+) -> Credentials:
+    """`load`, but a not-ready read that reads the same `settle_s` later is broken.
+
+    A writer caught mid-write changes the files within moments (kubelet's swap takes
+    milliseconds); content that stays half-written-looking, unchanged, is a truncated
+    file or an empty directory that will stay so. That is raised as a permanent
+    `CredentialsError` (exit 2 in `once` and `check`), not retried until a deadline.
+    "The same" is the change signature (stat, links, listing) plus the same verdict.
+    `wait(seconds)` returns True when interrupted (shutdown): the not-ready error is
+    raised as it is then.
+    """
+    try:
+        return load(path, flow=flow)
+    except CredentialsNotReady as first:
+        before = change_signature(path)
+        if wait(settle_s):
+            raise
+        try:
+            return load(path, flow=flow)
+        except CredentialsNotReady as second:
+            if str(second) != str(first) or change_signature(path) != before:
+                raise  # still being written: retried shortly
+            raise CredentialsError(
+                f"{_verdict(second)}; unchanged {settle_s:g}s later, so broken, not half-written",
+                source=second.source,
+                field=second.field,
+            ) from None
+
+
+def _verdict(exc: CredentialsError) -> str:
+    """The message without the `source, field:` prefix the constructor adds."""
+    where = ", ".join(
+        part for part in (exc.source, f"field {exc.field!r}" if exc.field else "") if part
+    )
+    text = str(exc)
+    text = text[len(where) + 2 :] if where and text.startswith(where + ": ") else text
+    return re.sub(r" \(half-written\??\)", "", text)
+
+
 def change_signature(path: Path) -> tuple[object, ...]:
     """A cheap fingerprint of PATH that differs after any change kubelet or a user makes.
 
@@ -263,6 +323,8 @@ _FIELD_FILES: Final = frozenset(alias for aliases in _FLAT_FIELDS.values() for a
 def _read_directory(path: Path) -> _Raw:
     source = str(path)
     base = _snapshot(path)
+    # kubelet's snapshot holds regular files only: a link there is not followed.
+    in_snapshot = base != path
     names = _list_names(base, source)
     # Top-level links that exist while the snapshot lacks their target mean
     # kubelet is between swapping ..data and relinking the keys.
@@ -274,7 +336,9 @@ def _read_directory(path: Path) -> _Raw:
             names_for_msg[canonical] = aliases[0]
             for alias in aliases:
                 if alias in names:
-                    text = _read_text(base / alias, source, listed=True, field=alias).strip()
+                    text = _read_text(
+                        base / alias, source, listed=True, field=alias, nofollow=in_snapshot
+                    ).strip()
                     values[canonical] = text
                     names_for_msg[canonical] = alias
                     break
@@ -302,10 +366,17 @@ def _read_directory(path: Path) -> _Raw:
             source=source,
         )
     json_source = str(path / json_names[0])
-    raw = _from_json_text(_read_text(base / json_names[0], json_source, listed=True), json_source)
+    text = _read_text(base / json_names[0], json_source, listed=True, nofollow=in_snapshot)
+    raw = _from_json_text(text, json_source)
     passphrase_file = "private_key_passphrase"  # noqa: S105 - a file name, not a password
     if "private_key_passphrase" not in raw.values and passphrase_file in names:
-        text = _read_text(base / passphrase_file, source, listed=True, field=passphrase_file)
+        text = _read_text(
+            base / passphrase_file,
+            source,
+            listed=True,
+            field=passphrase_file,
+            nofollow=in_snapshot,
+        )
         raw.values["private_key_passphrase"] = text.strip()
         raw.names["private_key_passphrase"] = str(path / passphrase_file)
     return raw
@@ -341,11 +412,53 @@ def _list_names(directory: Path, source: str) -> set[str]:
         raise CredentialsError(f"cannot be listed: {exc.strerror}", source=source) from None
 
 
-def _read_text(file: Path, source: str, *, listed: bool, field: str = "") -> str:
-    """Read a small UTF-8 file (BOM tolerated). Empty or cut short → not ready."""
+class _NotRegularError(Exception):
+    """The name opened is a FIFO, socket or device, not a regular file."""
+
+
+def _read_regular(file: Path, *, nofollow: bool) -> bytes:
+    """At most MAX_FILE_BYTES + 1 bytes of a regular file; never blocks on a FIFO.
+
+    `O_NONBLOCK` makes opening a FIFO return at once (a blocking open waits for a
+    writer forever), and `fstat` on the descriptor, not a `stat` of the name, decides:
+    a name swapped for a FIFO between a check and the open cannot slip through.
+    `nofollow` is for names inside kubelet's resolved snapshot, which are never links.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
     try:
-        with file.open("rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
+        fd = os.open(file, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and nofollow:
+            raise _NotRegularError from None  # a link where kubelet's snapshot holds files
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory")
+        if not stat.S_ISREG(mode):
+            raise _NotRegularError
+        # A regular file: clear O_NONBLOCK so reads behave as usual.
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=True) as handle:
+            fd = -1
+            return handle.read(MAX_FILE_BYTES + 1)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _read_text(
+    file: Path, source: str, *, listed: bool, field: str = "", nofollow: bool = False
+) -> str:
+    """Read a small regular UTF-8 file (BOM tolerated). Empty or cut short → not ready."""
+    try:
+        data = _read_regular(file, nofollow=nofollow)
+    except _NotRegularError:
+        raise CredentialsError(
+            "is not a regular file (a FIFO, socket or device?); only regular files are read",
+            source=source,
+            field=field,
+        ) from None
     except FileNotFoundError:
         # A name we just listed, or a symlink whose target is gone: a swap in progress.
         if listed or file.is_symlink():

@@ -17,8 +17,8 @@ from datetime import datetime, timedelta
 from tenacity import RetryCallState, Retrying, retry_if_exception
 
 from refresher.clock import Clock, Sleeper
-from refresher.config import Settings
-from refresher.credentials import Credentials, change_signature, load_credentials
+from refresher.config import Settings, plain_http_problem
+from refresher.credentials import Credentials, change_signature, load_credentials, load_settled
 from refresher.errors import (
     EXIT_OK,
     EXIT_RUNTIME,
@@ -49,12 +49,29 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, CredentialsNotReady)
 
 
+class Stopped(RefresherError):
+    """Shutdown was asked for before a token was obtained: no further IMS call is made."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class _DeadlineReached(Exception):
+    """`once`'s --retry-timeout ends the wait before the next attempt would start."""
+
+
 @dataclass
 class _Published:
-    """The token we stand behind, when we mean to refresh it, and sinks still owed a copy."""
+    """The token we stand behind, when we mean to refresh it, and sinks still owed a copy.
+
+    The refresh is due at `due_at` on the wall clock or at `due_mono` on the monotonic
+    clock, whichever comes first: a wall-clock step forward makes the token look older
+    (refresh now, it may have expired), a step back makes it look younger, and the
+    monotonic clock keeps the refresh on time (the token lives by IMS's clock, not ours).
+    """
 
     token: AccessToken
     due_at: datetime
+    due_mono: float
     unpublished: list[Sink] = field(default_factory=list)
     publish_attempts: int = 0
 
@@ -107,14 +124,20 @@ class Service:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    @property
+    def published(self) -> bool:
+        """A token is current and every sink holds it."""
+        current = self._current
+        return current is not None and not current.unpublished
+
     # ---- the two commands --------------------------------------------------------------
 
     def once(self) -> int:
         """Publish one valid token (adopting a fresh published one), then return the exit code."""
+        deadline = self.clock.monotonic() + self.settings.schedule.retry_timeout_s
         self._prepare()
         if self._adopt_at_start():
             return self._settle_publication()
-        deadline = self.clock.monotonic() + self.settings.schedule.retry_timeout_s
         token = self._obtain(deadline=deadline, allow_adopt=True)
         self._accept(token)
         return self._settle_publication()
@@ -122,30 +145,50 @@ class Service:
     def run(self) -> int:
         """Keep a valid token published until `stop()`. Returns 0 on a clean stop."""
         self._prepare()
-        self._signature = self._stat_credentials()
         self._adopt_at_start()
         while not self.stopping:
             self.health.heartbeat()
             current = self._current
-            if current is None or self._credentials_changed or self.clock.now() >= current.due_at:
+            if current is None or self._credentials_changed or self._due(current):
                 self._refresh()
                 continue
             if current.unpublished:
                 self._retry_unpublished(current)
                 continue
-            self._pause(delay_until(current.due_at, self.clock.now()))
+            self._pause(self._until_due(current), until=current.due_at)
         self.health.stopped()
         return EXIT_OK
 
     # ---- stages ----------------------------------------------------------------------
 
     def _prepare(self) -> None:
+        # The starting state of the credentials, before the first read: the first
+        # watch check must not take the files as they were at start for a change.
+        self._signature = self._stat_credentials()
         for sink in self.sinks:
             sink.prepare()
 
-    def _load(self) -> Credentials:
-        credentials = self.load(self.settings.credentials, flow=self.settings.flow)
+    def _load(self, *, settle: bool = True) -> Credentials:
+        """Read the credentials. With `settle`, a not-ready read that reads the same a
+        moment later is a permanent CredentialsError (broken, not half-written)."""
+        if settle:
+            credentials = load_settled(
+                self.settings.credentials,
+                flow=self.settings.flow,
+                wait=self.sleeper.sleep,
+                load=self.load,
+            )
+        else:
+            credentials = self.load(self.settings.credentials, flow=self.settings.flow)
         self.secrets.add(*credentials.client_secrets)
+        problem = plain_http_problem(
+            self.client.base_url(credentials),
+            allow_insecure_http=self.settings.ims.allow_insecure_http,
+            origin="the IMS endpoint in the credentials",
+        )
+        if problem is not None:
+            # The credentials' own endpoint: the same verdict as `check` (exit 2).
+            raise CredentialsError(problem, source=credentials.source)
         self._report_certificate(credentials)
         return credentials
 
@@ -180,10 +223,11 @@ class Service:
         """Adopt the newest valid published token for these credentials; True if not yet due.
 
         Unusable credentials fail here, at start, with exit 2; a half-written read is
-        left to the retrying exchange that follows.
+        left to the retrying exchange that follows (which tells broken from half-written:
+        `once` then exits 2, `run` reports it and waits for a change).
         """
         try:
-            credentials = self._load()
+            credentials = self._load(settle=False)
         except CredentialsNotReady:
             return False
         now = self.clock.now()
@@ -212,6 +256,7 @@ class Service:
         if not fresh:
             # Still valid, so readers keep it; but due: refresh at once.
             self._current.due_at = now
+            self._current.due_mono = self.clock.monotonic()
         log.info(
             "found a published token (%s) from the %s sink",
             "adopted" if fresh else "valid but due for refresh",
@@ -229,6 +274,8 @@ class Service:
         """One refresh cycle in `run`: obtain (with retries) and publish."""
         try:
             token = self._obtain(deadline=None, allow_adopt=True)
+        except Stopped:
+            return
         except (ExchangeError, CredentialsError) as exc:
             if self.stopping:
                 return
@@ -245,13 +292,33 @@ class Service:
         self._accept(token)
 
     def _obtain(self, *, deadline: float | None, allow_adopt: bool) -> AccessToken:
-        """Adopt a fresh token another replica published, or mint one; retry transient failures."""
+        """Adopt a fresh token another replica published, or mint one; retry transient failures.
+
+        With a `deadline` (monotonic, `once`), no wait runs past it: a wait longer than
+        what is left (a long backoff, Retry-After up to an hour) sleeps until the
+        deadline and then gives up with the last error, unless the credentials changed
+        meanwhile (that retries at once). Shutdown ends any wait, and no attempt follows.
+        """
+        last: list[BaseException] = []
 
         def stop(_: RetryCallState) -> bool:
             return self.stopping or (deadline is not None and self.clock.monotonic() >= deadline)
 
+        def remember(state: RetryCallState) -> None:
+            if state.outcome is not None and state.outcome.failed:
+                last[:] = [state.outcome.exception()]  # type: ignore[list-item]
+            self._log_retry(state)
+
+        def sleep(seconds: float) -> None:
+            left = None if deadline is None else deadline - self.clock.monotonic()
+            self._pause(seconds if left is None else min(seconds, left))
+            if self.stopping:
+                raise Stopped("stopped before a token was obtained")
+            if left is not None and left <= seconds and not self._credentials_changed:
+                raise _DeadlineReached
+
         retrying = Retrying(
-            sleep=self._pause,
+            sleep=sleep,
             stop=stop,
             wait=RetryWait(
                 self.settings.schedule.backoff_initial_s,
@@ -259,12 +326,18 @@ class Service:
                 self.rng,
             ),
             retry=retry_if_exception(_is_transient),
-            before_sleep=self._log_retry,
+            before_sleep=remember,
             reraise=True,
         )
-        return retrying(self._attempt, allow_adopt)
+        try:
+            return retrying(self._attempt, allow_adopt)
+        except _DeadlineReached:
+            log.error("--retry-timeout reached: giving up")
+            raise last[0] from None
 
     def _attempt(self, allow_adopt: bool) -> AccessToken:
+        if self.stopping:
+            raise Stopped("stopped before a token was obtained")
         # Whatever changed so far is read now; a token minted with older credentials
         # (ours or another replica's) is not adopted after a change.
         changed, self._credentials_changed = self._credentials_changed, False
@@ -352,7 +425,9 @@ class Service:
         if adopted_from is not None:
             self.metrics.adopted.labels(source=adopted_from).inc()
         due = refresh_at(token, self.policy, self.rng.random())
-        self._current = _Published(token, due, list(self.sinks) if publish else [])
+        self._current = _Published(
+            token, due, self._mono_at(due), list(self.sinks) if publish else []
+        )
         if publish:
             self._publish_pending(self._current)
         else:
@@ -399,6 +474,7 @@ class Service:
                     )
                     current.token = held
                     current.due_at = refresh_at(held, self.policy, self.rng.random())
+                    current.due_mono = self._mono_at(current.due_at)
                     owed = written + owed
                     written = []
                 written.append(sink)
@@ -419,7 +495,7 @@ class Service:
             self.rng.random(),
         )
         wake_at = min(current.due_at, self.clock.now() + timedelta(seconds=delay))
-        self._pause(delay_until(wake_at, self.clock.now()))
+        self._pause(min(delay_until(wake_at, self.clock.now()), self._until_due(current)))
         if not self.stopping and not self._credentials_changed and current.unpublished:
             self._publish_pending(current)
 
@@ -439,24 +515,39 @@ class Service:
 
     # ---- waiting ------------------------------------------------------------------------
 
+    def _mono_at(self, instant: datetime) -> float:
+        """The monotonic reading at which the wall clock, as it reads now, shows `instant`."""
+        return self.clock.monotonic() + (instant - self.clock.now()).total_seconds()
+
+    def _due(self, current: _Published) -> bool:
+        return self.clock.now() >= current.due_at or self.clock.monotonic() >= current.due_mono
+
+    def _until_due(self, current: _Published) -> float:
+        """Seconds until the refresh is due by either clock (see `_Published`)."""
+        by_wall = delay_until(current.due_at, self.clock.now())
+        return max(0.0, min(by_wall, current.due_mono - self.clock.monotonic()))
+
     def _stat_credentials(self) -> tuple[object, ...] | None:
         try:
             return change_signature(self.settings.credentials)
         except (OSError, CredentialsError):
             return None
 
-    def _pause(self, seconds: float) -> None:
+    def _pause(self, seconds: float, *, until: datetime | None = None) -> None:
         """Sleep up to `seconds`, waking early for shutdown or a credentials change.
 
-        The credentials are stat()ed every `--watch-interval` (a cheap syscall, no read):
-        kubelet swaps a mounted Secret's `..data` symlink, which changes the signature.
+        The sleep follows the monotonic clock; `until` (a wall-clock instant) also ends
+        it, checked at every slice, so a wall-clock step forward past it is noticed
+        within `--watch-interval`. The credentials are stat()ed every `--watch-interval`
+        (a cheap syscall, no read): kubelet swaps a mounted Secret's `..data` symlink,
+        which changes the signature.
         """
         deadline = self.clock.monotonic() + max(0.0, seconds)
         interval = self.settings.schedule.watch_interval_s
         while not self.stopping:
             self.health.heartbeat()
             remaining = deadline - self.clock.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or (until is not None and self.clock.now() >= until):
                 return
             if self.sleeper.sleep(min(remaining, interval)):
                 return

@@ -23,6 +23,10 @@ class FakeClock:
         self._now += timedelta(seconds=seconds)
         self._mono += seconds
 
+    def step_wall(self, seconds: float) -> None:
+        """A wall-clock step (NTP correction, a VM resumed): the monotonic clock does not move."""
+        self._now += timedelta(seconds=seconds)
+
 
 class FakeSleeper:
     """Sleeping advances the fake clock at once; records every requested delay."""

@@ -43,13 +43,14 @@ def test_unknown_refresher_variable_is_an_error(harness: Harness) -> None:
 
 
 def test_variable_of_another_subcommand_is_ignored(harness: Harness) -> None:
-    """`check` ignores REFRESHER_TOKEN_DIR and REFRESHER_PORT (flags of other commands)."""
+    """`check` ignores REFRESHER_TOKEN_DIR and REFRESHER_RETRY_TIMEOUT (flags of other
+    commands: one environment serves every subcommand)."""
     result = harness.run(
         "check",
         "--credentials",
         str(harness.oauth),
         "--allow-insecure-http",
-        env={"REFRESHER_TOKEN_DIR": "/nonexistent", "REFRESHER_PORT": "1"},
+        env={"REFRESHER_TOKEN_DIR": "/nonexistent", "REFRESHER_RETRY_TIMEOUT": "1"},
     )
     assert result.returncode == 0, result.stderr
 
@@ -165,3 +166,44 @@ def test_check_prints_a_summary_without_secrets(harness: Harness) -> None:
     assert "2048" in out
     assert "certificate_days_left: 36" in out  # 365 days: 364.x or 365.0
     assert "ent_aem_cloud_api" in out
+
+
+ODD_NUMBERS = [
+    # (flag, value, the subcommands that take the flag)
+    ("--jwt-ttl", "inf", ("check", "once", "run")),
+    ("--jwt-ttl", "nan", ("check", "once", "run")),
+    ("--jwt-ttl", "0.5", ("check", "once", "run")),
+    ("--jwt-ttl", "0", ("check", "once", "run")),
+    ("--jwt-ttl", "86401", ("check", "once", "run")),
+    ("--connect-timeout", "inf", ("check", "once", "run")),
+    ("--read-timeout", "1e300", ("check", "once", "run")),
+    ("--watch-interval", "1e300", ("once", "run")),
+    ("--watch-interval", "inf", ("once", "run")),
+    ("--permanent-retry-interval", "1e300", ("once", "run")),
+    ("--backoff-initial", "1e300", ("once", "run")),
+    ("--backoff-max", "nan", ("once", "run")),
+    ("--retry-timeout", "inf", ("once",)),
+    ("--on-refresh-timeout", "1e300", ("once", "run")),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value"),
+    [(command, flag, value) for flag, value, commands in ODD_NUMBERS for command in commands],
+)
+def test_odd_numbers_are_one_line_and_exit_2(
+    harness: Harness, command: str, flag: str, value: str
+) -> None:
+    """inf, nan, a fraction of a whole-seconds flag, zero, or a duration past its sane maximum:
+    one line naming the flag, exit 2, in every subcommand that takes the flag (never an
+    OverflowError in the loop, never a silently truncated value)."""
+    args = [command, "--credentials", str(harness.oauth), flag, value]
+    if command != "check":
+        # Should the value slip through, fail fast rather than run: nothing listens on :9.
+        args += ["--token-dir", str(harness.root / "t")]
+        args += ["--ims-endpoint", "http://127.0.0.1:9", "--allow-insecure-http"]
+    if command == "once" and flag != "--retry-timeout":
+        args += ["--retry-timeout", "2"]
+    result = harness.run(*args, timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert flag in one_line_error(result.stderr)
