@@ -14,9 +14,12 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from refresher import __version__
 from refresher.errors import EXIT_OK, EXIT_USAGE
 
 COMMANDS = ("inject", "injector")
+# The released image, the one the manifests use; --image overrides (a registry mirror, a digest).
+DEFAULT_IMAGE = f"ghcr.io/example/ims-token-refresher:{__version__}"
 INJECTOR_LISTEN = "0.0.0.0:8443"  # the API server must reach the webhook
 _MAX_IMAGE = 512
 
@@ -76,8 +79,6 @@ def add_commands(commands: Any) -> None:
 
 
 def _image_flag(parser: argparse.ArgumentParser) -> None:
-    from refresher.inject.pod import DEFAULT_IMAGE  # noqa: PLC0415 - constants only
-
     parser.add_argument(
         "--image",
         metavar="IMAGE",
@@ -176,8 +177,6 @@ class UsageError(Exception):
 
 
 def _image(text: str | None) -> str:
-    from refresher.inject.pod import DEFAULT_IMAGE  # noqa: PLC0415
-
     if text is None:
         return DEFAULT_IMAGE
     if not text or len(text) > _MAX_IMAGE or any(c.isspace() or not c.isprintable() for c in text):

@@ -114,8 +114,10 @@ def _is_pod_create(request: Mapping[str, Any]) -> bool:
 
 
 def _text(value: object) -> str | None:
-    # Only short strings reach the logs: a field is the client's text, not ours.
-    return value[:253] if isinstance(value, str) else None
+    """A client's string as a log field: short, and one line even in text logs."""
+    if not isinstance(value, str):
+        return None
+    return "".join(c if c.isprintable() else "?" for c in value[:253])
 
 
 def _review(response: dict[str, Any]) -> dict[str, Any]:

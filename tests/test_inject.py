@@ -26,18 +26,29 @@ from hypothesis import strategies as st
 from refresher.inject import (
     CONTAINER,
     CREDENTIALS_VOLUME,
-    DEFAULT_IMAGE,
     LABEL,
     PREFIX,
     STATUS,
     TOKEN_VOLUME,
+    Outcome,
     Refused,
-    inject_documents,
-    inject_pod,
 )
+from refresher.inject import inject_documents as _inject_documents
+from refresher.inject import inject_pod as _inject_pod
+from refresher.inject_cli import DEFAULT_IMAGE
 from tests.test_manifests import EXAMPLES, KUBERNETES_VALIDATE, render
 
 Obj = dict[str, Any]
+
+
+def inject_pod(template: Obj) -> Outcome:
+    """Injection with the released image, as `refresher inject` does without --image."""
+    return _inject_pod(template, image=DEFAULT_IMAGE)
+
+
+def inject_documents(documents: list[Any]) -> Any:
+    return _inject_documents(documents, image=DEFAULT_IMAGE)
+
 
 DEPLOYMENT = """
 apiVersion: apps/v1

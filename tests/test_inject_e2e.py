@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
-from refresher.inject import CONTAINER, CREDENTIALS_VOLUME, LABEL, PREFIX, TOKEN_VOLUME, inject_pod
+from refresher.inject import CONTAINER, CREDENTIALS_VOLUME, LABEL, PREFIX, TOKEN_VOLUME
 from tests.conftest import Harness, read_token, wait_until
+from tests.test_inject import inject_pod
 
 Obj = dict[str, Any]
 TOKEN_PATH = "/srv/app/adobe"

@@ -36,9 +36,9 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refresher.inject import LABEL, PREFIX, inject_pod, json_patch
+from refresher.inject import LABEL, PREFIX, json_patch
 from refresher.injector import admit
-from tests.test_inject import CRONJOB, DEPLOYMENT, STATEFULSET, load, template_of
+from tests.test_inject import CRONJOB, DEPLOYMENT, STATEFULSET, inject_pod, load, template_of
 
 Obj = dict[str, Any]
 SECRET_ENV_VALUE = "hunter2-do-not-log-this-value"
@@ -557,6 +557,15 @@ def test_patch_is_small_adds_for_injection() -> None:
     assert {"op": "add", "path": "/spec/initContainers/0"} in [
         {k: v for k, v in op.items() if k != "value"} for op in operations
     ]
+
+
+def test_log_fields_are_short_single_lines() -> None:
+    """A generateName with a newline cannot forge a log line, even in text format."""
+    pod = copy.deepcopy(PODS["deployment"])
+    pod["metadata"]["generateName"] = "evil-\n2026-01-01 INFO forged " + "x" * 1000
+    answer = admit(json.dumps(review(pod)).encode(), "image")
+    shown = answer.fields["generateName"]
+    assert "\n" not in shown and len(shown) <= 253 and shown.startswith("evil-?")
 
 
 def test_admit_counts_a_review_of_a_deleted_pod_as_unchanged() -> None:

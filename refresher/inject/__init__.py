@@ -9,7 +9,6 @@ from refresher.inject.patch import json_patch
 from refresher.inject.pod import (
     CONTAINER,
     CREDENTIALS_VOLUME,
-    DEFAULT_IMAGE,
     LABEL,
     PREFIX,
     PROBE_PORT,
@@ -25,7 +24,6 @@ from refresher.inject.pod import (
 __all__ = [
     "CONTAINER",
     "CREDENTIALS_VOLUME",
-    "DEFAULT_IMAGE",
     "LABEL",
     "PREFIX",
     "PROBE_PORT",

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from refresher.inject.pod import DEFAULT_IMAGE, LABEL, Obj, Refused, inject_pod, opted_in
+from refresher.inject.pod import LABEL, Obj, Refused, inject_pod, opted_in
 
 # kind -> the keys leading from the object to its pod template.
 TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
@@ -42,9 +42,7 @@ def describe(document: Mapping[str, Any]) -> str:
     return f"{document.get('kind')}/{name}"
 
 
-def inject_documents(
-    documents: list[Any], *, image: str = DEFAULT_IMAGE
-) -> tuple[list[Any], Report]:
+def inject_documents(documents: list[Any], *, image: str) -> tuple[list[Any], Report]:
     """Every opted-in pod template injected; every other document as it was."""
     report = Report()
     return [_document(doc, image, report) for doc in documents], report

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from refresher import __version__
-
 Obj = dict[str, Any]
 
 PREFIX = "ims-token-refresher.io/"
@@ -41,7 +39,6 @@ TOKEN_DIR = "/var/run/adobe-ims"  # noqa: S105 - a name, not a secret
 DEFAULT_TOKEN_PATH = TOKEN_DIR
 PROBE_PORT = 9876
 UID = 65532
-DEFAULT_IMAGE = f"ghcr.io/example/ims-token-refresher:{__version__}"
 
 Mode = Literal["sidecar", "init"]
 Flow = Literal["auto", "jwt", "oauth"]
@@ -85,7 +82,7 @@ def opted_in(template: Mapping[str, Any]) -> bool:
     return isinstance(labels, Mapping) and labels.get(LABEL) == "true"
 
 
-def inject_pod(template: Mapping[str, Any], *, image: str = DEFAULT_IMAGE) -> Outcome:
+def inject_pod(template: Mapping[str, Any], *, image: str) -> Outcome:
     """The pod (or pod template: any mapping with `metadata` and `spec`) with the refresher.
 
     A pod without the opt-in label, or already injected, comes back unchanged.
