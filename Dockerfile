@@ -10,29 +10,53 @@
 # with the hardening below (non-root, read-only root, no capabilities) the
 # extra surface of a shell is small. Pin a digest too (`@sha256:...`) in a
 # release pipeline that updates it automatically.
-ARG PYTHON_IMAGE=python:3.12.12-slim-trixie
+#
+# PYTHON_IMAGE is a full reference (registry/name:tag): the runtime stage
+# records it as org.opencontainers.image.base.name, and builders that do not
+# guess registries (buildah, podman) can pull it. scripts/image-test.sh sets
+# it to a local Debian stand-in.
+ARG PYTHON_IMAGE=docker.io/library/python:3.12.12-slim-trixie
 
 FROM ${PYTHON_IMAGE} AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
+
+# Dependencies exactly as locked (requirements/*.txt, `make lock`), every
+# file checked against its sha256: a changed or substituted package fails the
+# build. They come first so their layer is reused while only the source
+# changes. The runtime venv gets no pip of its own: a throwaway build venv's
+# pip installs into it (`--python`), so the image has no package installer.
+COPY requirements/runtime.txt requirements/build.txt requirements/
+RUN python -m venv /opt/build \
+ && /opt/build/bin/pip install --require-hashes --only-binary=:all: -r requirements/build.txt \
+ && python -m venv --without-pip /opt/refresher \
+ && /opt/build/bin/pip --python /opt/refresher/bin/python install --no-compile \
+        --require-hashes --only-binary=:all: -r requirements/runtime.txt
+
 # .dockerignore admits only what the wheel is built from (an allowlist).
 COPY . .
 
-# The venv gets no pip of its own: the base image's pip installs into it
-# (`--python`), so the runtime has no package installer and no pip cache.
-# Byte-compile with unchecked hashes: the root filesystem is read-only at run
-# time, so Python could never write a .pyc there, and COPY may change mtimes.
-RUN pip wheel --no-deps --wheel-dir /dist . \
- && python -m venv --without-pip /opt/refresher \
- && pip --python /opt/refresher/bin/python install --no-cache-dir --no-compile /dist/*.whl \
- && python -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/refresher
+# The project's own wheel, built offline by the locked build backend and
+# installed without dependencies (all are in place). Byte-compile with
+# unchecked hashes: the root filesystem is read-only at run time, so Python
+# could never write a .pyc there, and COPY may change mtimes. Not
+# kubernetes.aio, the asyncio client the refresher never imports: its 27 MB
+# of bytecode would be a tenth of the image.
+RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /dist . \
+ && /opt/build/bin/pip --python /opt/refresher/bin/python install --no-deps --no-compile /dist/*.whl \
+ && /opt/build/bin/pip --python /opt/refresher/bin/python check \
+ && python -m compileall -q -j 0 --invalidation-mode unchecked-hash \
+        -x '/site-packages/kubernetes/aio/' /opt/refresher
 
 FROM ${PYTHON_IMAGE} AS runtime
 
+# Re-declared: an ARG before the first FROM is visible only to FROM lines.
+ARG PYTHON_IMAGE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="ims-token-refresher" \
@@ -41,18 +65,19 @@ LABEL org.opencontainers.image.title="ims-token-refresher" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/example/ims-token-refresher" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.12.12-slim-trixie"
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
 
 # The official image deletes the standard library's .pyc files; compile them
 # once here so that startup under a read-only root filesystem does not
 # recompile the stdlib in memory every time. A fixed UID/GID 65532 (the
 # distroless "nonroot" convention) lets manifests say runAsUser: 65532 and
 # lets runAsNonRoot be verified by the kubelet; the passwd entry keeps
-# getpass/pwd lookups working.
+# getpass/pwd lookups working. -K raises login.defs' SYS_*_MAX (999) so that
+# a system account may have that id without a warning.
 RUN python -m compileall -q -j 0 --invalidation-mode unchecked-hash \
         "$(python -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')" \
- && groupadd --system --gid 65532 nonroot \
- && useradd --system --uid 65532 --gid 65532 --no-create-home \
+ && groupadd --system --gid 65532 -K SYS_GID_MAX=65532 nonroot \
+ && useradd --system --uid 65532 --gid 65532 -K SYS_UID_MAX=65532 --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin nonroot
 
 COPY --from=builder /opt/refresher /opt/refresher

@@ -1,4 +1,4 @@
-"""Packaging: the image build context and runtime contract; the wheel as the image installs it.
+"""Packaging: the image build context, its runtime contract, the lock, the wheel as installed.
 
 There is no Docker engine here, so the Dockerfile is checked as text, and the
 image's install step is replayed outside Docker: the wheel is built from the
@@ -17,11 +17,15 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -107,7 +111,11 @@ def test_dockerfile_is_multi_stage_on_a_pinned_slim_python() -> None:
     for stage in all_stages:
         base = stage[0][1].split()[0]
         base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
-        assert re.fullmatch(r"python:3\.1[1-9]\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", base), base
+        # A full reference: builders that do not guess registries (buildah,
+        # podman) pull it as written, and the base.name label names it exactly.
+        assert re.fullmatch(
+            r"docker\.io/library/python:3\.1[1-9]\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", base
+        ), base
     final = all_stages[-1]
     assert any(c.startswith("--from=") for c in values(final, "COPY")), "nothing copied in"
     for run in values(final, "RUN"):
@@ -123,6 +131,108 @@ def test_dockerfile_has_oci_labels() -> None:
         labels.update(key_values(arguments))
     for key in ("title", "description", "version", "revision", "licenses", "source"):
         assert labels.get(f"org.opencontainers.image.{key}"), key
+
+
+def test_dockerfile_base_label_follows_the_python_image_argument() -> None:
+    """base.name is the PYTHON_IMAGE actually used, re-declared in the runtime stage."""
+    final = stages()[-1]
+    labels: dict[str, str] = {}
+    for arguments in values(final, "LABEL"):
+        labels.update(key_values(arguments))
+    assert labels["org.opencontainers.image.base.name"] == "${PYTHON_IMAGE}"
+    names = [name for name, _ in final]
+    assert ("ARG", "PYTHON_IMAGE") in final, "PYTHON_IMAGE is not re-declared in the runtime stage"
+    assert final.index(("ARG", "PYTHON_IMAGE")) < names.index("LABEL")
+
+
+def test_dockerfile_system_account_allows_uid_65532() -> None:
+    """useradd/groupadd raise SYS_UID_MAX/SYS_GID_MAX, so 65532 is made without a warning."""
+    (run,) = [r for r in values(stages()[-1], "RUN") if "useradd" in r]
+    assert re.search(r"useradd [^&]*-K SYS_UID_MAX=65532", run), run
+    assert re.search(r"groupadd [^&]*-K SYS_GID_MAX=65532", run), run
+
+
+def test_dockerfile_installs_only_locked_hashed_dependencies() -> None:
+    """Every pip install in the build takes the lock with --require-hashes, or the
+    project's own wheel with --no-deps; no build step downloads anything unhashed."""
+    builder = stages()[0]
+    copied = " ".join(values(builder, "COPY"))
+    assert "requirements/runtime.txt" in copied and "requirements/build.txt" in copied
+    installs = [
+        command
+        for run in values(builder, "RUN")
+        for command in run.split("&&")
+        if re.search(r"\bpip\b.*\b(install|wheel)\b", command)
+    ]
+    assert installs
+    for command in installs:
+        locked = "--require-hashes" in command and re.search(r"-r requirements/\w+\.txt", command)
+        local = "--no-deps" in command and (
+            "/dist/" in command or "--no-build-isolation" in command
+        )
+        assert locked or local, command
+
+
+# --- the lock ----------------------------------------------------------------------
+
+REQUIREMENTS = ROOT / "requirements"
+
+
+def _locked(name: str) -> dict[str, Requirement]:
+    """The pins of requirements/<name>.txt by normalized project name."""
+    text = (REQUIREMENTS / f"{name}.txt").read_text(encoding="utf-8")
+    entries = re.sub(r"\\\n\s*", " ", text).splitlines()
+    pins: dict[str, Requirement] = {}
+    for entry in entries:
+        if not entry.strip() or entry.lstrip().startswith("#"):
+            continue
+        requirement, *hashes = entry.split(" --hash=")
+        assert hashes and all(h.startswith("sha256:") for h in hashes), entry
+        parsed = Requirement(requirement.strip())
+        assert len(parsed.specifier) == 1 and next(iter(parsed.specifier)).operator == "==", entry
+        pins[canonicalize_name(parsed.name)] = parsed
+    return pins
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    ("lock", "section"),
+    [("runtime", "dependencies"), ("test", "dependencies"), ("test", "test"), ("build", "build")],
+)
+def test_lock_pins_every_declared_requirement(lock: str, section: str) -> None:
+    """Each requirement of pyproject.toml is pinned, with hashes, at a version it allows:
+    a dependency added without `make lock` fails here."""
+    project = _pyproject()
+    declared = {
+        "dependencies": project["project"]["dependencies"],
+        "test": project["project"]["optional-dependencies"]["test"],
+        "build": project["build-system"]["requires"],
+    }[section]
+    pins = _locked(lock)
+    for text in declared:
+        wanted = Requirement(text)
+        pin = pins.get(canonicalize_name(wanted.name))
+        assert pin, f"{wanted.name} is not in requirements/{lock}.txt: run make lock"
+        version = next(iter(pin.specifier)).version
+        assert wanted.specifier.contains(version, prereleases=True), (
+            f"requirements/{lock}.txt pins {pin}, outside {wanted}: run make lock"
+        )
+
+
+def test_test_lock_agrees_with_the_runtime_lock() -> None:
+    """The tests run the very versions the image ships."""
+    runtime, test = _locked("runtime"), _locked("test")
+    assert {name: str(test[name]) for name in runtime} == {n: str(r) for n, r in runtime.items()}
+
+
+def test_lock_says_how_to_refresh_it() -> None:
+    """Each lock file names `make lock` as the command that wrote it."""
+    for name in ("runtime", "build", "test"):
+        head = (REQUIREMENTS / f"{name}.txt").read_text(encoding="utf-8")[:200]
+        assert "make lock" in head, name
 
 
 # --- .dockerignore --------------------------------------------------------------
@@ -188,10 +298,13 @@ def in_build_context(path: str) -> bool:
         "refresher/__init__.py",
         "refresher/py.typed",
         "refresher/sinks/file.py",
+        "ims_emulator/__init__.py",
+        "requirements/runtime.txt",
+        "requirements/build.txt",
     ],
 )
 def test_build_context_holds_what_the_wheel_needs(path: str) -> None:
-    """.dockerignore admits the package and the files its metadata names (README.md)."""
+    """.dockerignore admits the packages, the files their metadata names and the lock."""
     assert in_build_context(path)
 
 
@@ -213,6 +326,8 @@ def test_build_context_holds_what_the_wheel_needs(path: str) -> None:
         "dist/ims_token_refresher-0.1.0-py3-none-any.whl",
         "ims_token_refresher.egg-info/PKG-INFO",
         "credentials.json",
+        "requirements/test.txt",
+        "charts/ims-token-refresher/values.yaml",
     ],
 )
 def test_build_context_leaves_out_the_rest(path: str) -> None:
@@ -269,25 +384,23 @@ def _build_and_install(root: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
     )
-    # Dependencies come from the package index, as in the image build.
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(venv / "bin" / "python"),
-            "install",
-            "--quiet",
-            str(wheel),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=_clean_env(),
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    # As the image build does: the locked dependencies with their hashes, then
+    # the wheel alone, then pip's own consistency check.
+    pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python")]
+    for command in (
+        ["install", "--quiet", "--require-hashes", "-r", str(ROOT / "requirements/runtime.txt")],
+        ["install", "--quiet", "--no-deps", str(wheel)],
+        ["check"],
+    ):
+        result = subprocess.run(
+            [*pip, *command],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=_clean_env(),
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.fixture(scope="session")
