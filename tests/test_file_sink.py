@@ -436,3 +436,15 @@ def test_a_snapshot_that_is_a_symlink_is_not_adopted(tmp_path: Path) -> None:
     for name in PUBLISHED:
         (out / name).symlink_to(f"..data/{name}")
     assert _sink_at(out, token).read_current() is None
+
+
+def test_a_directory_planted_as_data_does_not_block_publishing(tmp_path: Path) -> None:
+    """`..data` made a directory by a neighbour is removed like a leftover, and the swap
+    goes through (it used to fail every publish with "Is a directory")."""
+    (tmp_path / "..data").mkdir()
+    (tmp_path / "..data" / "access_token").write_text("planted")
+    sink = FileSink(tmp_path, clock=FakeClock(T0))
+    sink.prepare()
+    sink.publish(make_token(1))
+    assert (tmp_path / "..data").is_symlink()
+    assert (tmp_path / "access_token").read_text() == "token-value-0001"

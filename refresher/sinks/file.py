@@ -270,7 +270,18 @@ class FileSink:
         tmp = f"{_PREFIX}{name.lstrip('.')}.{secrets.token_hex(4)}.tmp"
         os.symlink(target, tmp, dir_fd=dir_fd)
         try:
-            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            try:
+                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except IsADirectoryError:
+                # A directory planted as `..data` would block every publish; `..*` names
+                # are ours, so it goes like any leftover (if it can), then the swap again.
+                # A directory at a stable name is someone else's: that publish fails.
+                if not name.startswith(_PREFIX):
+                    raise
+                reason = _remove_entry(dir_fd, name, self._uid)
+                if reason is not None:
+                    self._report(name, reason)
+                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dir_fd)
