@@ -448,3 +448,32 @@ def test_a_directory_planted_as_data_does_not_block_publishing(tmp_path: Path) -
     sink.publish(make_token(1))
     assert (tmp_path / "..data").is_symlink()
     assert (tmp_path / "access_token").read_text() == "token-value-0001"
+
+
+def test_dir_swapped_for_a_symlink_after_start_is_refused(tmp_path: Path) -> None:
+    """DIR renamed away and replaced by a symlink to another directory (its parent is
+    shared): the publish fails and nothing is written or removed there."""
+    out = tmp_path / "out"
+    sink = FileSink(out, clock=FakeClock(T0))
+    sink.prepare()
+    sink.publish(make_token(1))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "..2020_01_01_00_00_00.x").mkdir()
+    out.rename(tmp_path / "moved")
+    out.symlink_to(elsewhere)
+    with pytest.raises(PublishError, match="cannot publish"):
+        sink.publish(make_token(2))
+    assert sorted(os.listdir(elsewhere)) == ["..2020_01_01_00_00_00.x"]
+
+
+def test_a_configured_symlink_dir_is_resolved_once_and_works(tmp_path: Path) -> None:
+    """--token-dir given as a symlink (the operator's choice) is followed at start."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    token = make_token(0)
+    sink = _sink_at(tmp_path / "link", token)
+    sink.prepare()
+    sink.publish(token)
+    assert (tmp_path / "real" / "access_token").read_text() == token.value
+    assert sink.read_current() == token
