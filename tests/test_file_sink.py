@@ -462,7 +462,7 @@ def test_dir_swapped_for_a_symlink_after_start_is_refused(tmp_path: Path) -> Non
     (elsewhere / "..2020_01_01_00_00_00.x").mkdir()
     out.rename(tmp_path / "moved")
     out.symlink_to(elsewhere)
-    with pytest.raises(PublishError, match="cannot publish"):
+    with pytest.raises(PublishError, match="now a symlink"):
         sink.publish(make_token(2))
     assert sorted(os.listdir(elsewhere)) == ["..2020_01_01_00_00_00.x"]
 

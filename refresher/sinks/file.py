@@ -21,6 +21,7 @@ only from a complete, consistent, plausible set reached through `..data`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -162,6 +163,12 @@ def _remove_entry(dir_fd: int, name: str, uid: int) -> str | None:
     return None
 
 
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "it is now a symlink (not followed: DIR is shared)"
+    return exc.strerror or str(exc)
+
+
 class FileSink:
     name = "file"
     shared = False  # one pod's emptyDir: only we write it
@@ -184,7 +191,7 @@ class FileSink:
                 self._remove_stale(dir_fd)
         except OSError as exc:
             raise PublishError(
-                f"cannot create {self.directory}: {exc.strerror or exc}", sink=self.name
+                f"cannot create {self.directory}: {_why(exc)}", sink=self.name
             ) from None
 
     def read_current(self) -> AccessToken | None:
@@ -203,7 +210,7 @@ class FileSink:
                 self._remove_stale(dir_fd)
         except OSError as exc:
             raise PublishError(
-                f"cannot publish into {self.directory}: {exc.strerror or exc}", sink=self.name
+                f"cannot publish into {self.directory}: {_why(exc)}", sink=self.name
             ) from None
         return token
 
