@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refresher.errors import Rejected, Transient
 from refresher.ims import (
@@ -17,8 +20,10 @@ from refresher.ims import (
     parse_retry_after,
     token_lifetime_s,
 )
+from refresher.skew import SkewEstimate, sample_offset, significant
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+FUZZ_SETTINGS = settings(max_examples=200, deadline=None)
 
 
 @pytest.mark.parametrize(
@@ -204,3 +209,63 @@ def test_classify_gives_kinds_and_hints() -> None:
         400, b'{"error": "invalid_token", "error_description": "?"}', {}, NOW
     )
     assert isinstance(unknown, Rejected) and unknown.hint is None
+
+
+# --------------------------------------------------------------- the skew estimate
+
+
+def _date(instant: datetime) -> str:
+    return format_datetime(instant.astimezone(UTC), usegmt=True)
+
+
+def test_a_skew_sample_reads_the_date_to_the_second() -> None:
+    """Date truncates to the second: the sample adds half a second and takes the middle
+    of our round trip; under 2 s reads as 0 (the header's own noise)."""
+    ims = NOW + timedelta(seconds=600, milliseconds=300)
+    sample = sample_offset(_date(ims), NOW, NOW + timedelta(milliseconds=100))
+    assert sample is not None and abs(sample - 600.3) <= 0.6
+    assert significant(1.9) == 0.0 and significant(-1.9) == 0.0
+    assert significant(2.04) == 2.0 and significant(-600.26) == -600.3
+
+
+@pytest.mark.parametrize(
+    "header", [None, "", "yesterday", "Mon, 99 Foo 2026 99:99:99 GMT", "0", "\x00"]
+)
+def test_a_garbled_or_missing_date_is_no_sample(header: str | None) -> None:
+    """No Date, or one that does not parse, measures nothing (and never raises)."""
+    assert sample_offset(header, NOW, NOW) is None
+
+
+def test_slow_answers_and_absurd_dates_are_ignored() -> None:
+    """A round trip over 10 s is too vague; a Date weeks away is a broken header."""
+    ims = _date(NOW + timedelta(seconds=60))
+    assert sample_offset(ims, NOW, NOW + timedelta(seconds=11)) is None
+    assert sample_offset(_date(NOW + timedelta(days=30)), NOW, NOW) is None
+
+
+def test_the_estimate_smooths_noise_and_follows_steps() -> None:
+    """Samples within 5 s of the estimate move it a quarter of the way; a sample further
+    off is a clock step (NTP, a resumed VM) and is taken at once."""
+    skew = SkewEstimate()
+    assert (skew.measured, skew.offset_s) == (False, 0.0)
+
+    def observe(offset_s: float) -> None:
+        # A Date that truncates to exactly `offset_s` from the middle of a 0 s round trip.
+        skew.observe(_date(NOW + timedelta(seconds=offset_s)), NOW, NOW)
+
+    observe(600)
+    assert skew.offset_s == 600.5
+    observe(604)
+    assert skew.offset_s == pytest.approx(601.5)
+    observe(0)
+    assert skew.offset_s == 0.0  # |0.5| is noise
+    observe(-120)
+    assert skew.offset_s == -119.5
+
+
+@FUZZ_SETTINGS
+@given(header=st.text(max_size=60))
+def test_fuzz_any_date_header_never_raises(header: str) -> None:
+    """Whatever a server puts in Date: a bounded sample or None, never an exception."""
+    sample = sample_offset(header, NOW, NOW)
+    assert sample is None or abs(sample) <= 7 * 86400
