@@ -163,12 +163,6 @@ def _remove_entry(dir_fd: int, name: str, uid: int) -> str | None:
     return None
 
 
-def _why(exc: OSError) -> str:
-    if exc.errno == errno.ELOOP:
-        return "it is now a symlink (not followed: DIR is shared)"
-    return exc.strerror or str(exc)
-
-
 class FileSink:
     name = "file"
     shared = False  # one pod's emptyDir: only we write it
@@ -191,7 +185,7 @@ class FileSink:
                 self._remove_stale(dir_fd)
         except OSError as exc:
             raise PublishError(
-                f"cannot create {self.directory}: {_why(exc)}", sink=self.name
+                f"cannot create {self.directory}: {self._why(exc)}", sink=self.name
             ) from None
 
     def read_current(self) -> AccessToken | None:
@@ -210,9 +204,14 @@ class FileSink:
                 self._remove_stale(dir_fd)
         except OSError as exc:
             raise PublishError(
-                f"cannot publish into {self.directory}: {_why(exc)}", sink=self.name
+                f"cannot publish into {self.directory}: {self._why(exc)}", sink=self.name
             ) from None
         return token
+
+    def _why(self, exc: OSError) -> str:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and self._path.is_symlink():
+            return "it is now a symlink (not followed: DIR is shared)"
+        return exc.strerror or str(exc)
 
     # ---- reading ------------------------------------------------------------------------
 
