@@ -75,6 +75,10 @@ def test_check_online_reports_what_ims_granted(harness: Harness, flow: str) -> N
     assert 3590 <= int(report["lifetime_s"]) <= 3600
     assert report["expires_at"].endswith("Z")
     assert report["clock_skew_s"] == "0.0"
+    if flow == "oauth":  # the credentials' org_id is sent as a form field, as Adobe's SDKs do
+        org_id = json.loads(harness.oauth.read_text())["org_id"]
+        assert harness.emulator is not None
+        assert harness.emulator.stats()["org_ids"] == {org_id: 1}
 
 
 def _with(path: Path, tmp_path: Path, change: Callable[[dict[str, object]], None]) -> Path:
