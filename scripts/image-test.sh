@@ -83,7 +83,7 @@ make_base() {
   # does. Only the stand-in gets them; the official base image never does.
   if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
     cp /usr/local/share/ca-certificates/*.crt "$mnt/usr/local/share/ca-certificates/"
-    chroot "$mnt" update-ca-certificates >/dev/null
+    chroot "$mnt" update-ca-certificates >/dev/null 2>&1
   fi
   bh umount "$ctr" >/dev/null
   bh config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
