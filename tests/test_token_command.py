@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.error import HTTPError
+from urllib.request import Request, urlopen
 
 import keys
 import pytest
@@ -163,3 +167,68 @@ def test_check_online_rejections_carry_their_hint(
     if code == 3:
         assert report["x_debug_id"]
         assert report["error"] and report["error_description"]
+
+
+class _Gateway(BaseHTTPRequestHandler):
+    """A reverse proxy that reaches IMS under IMS's own host name (`Host` rewritten), as an
+    egress gateway does: the client connects to the gateway's address."""
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        upstream = self.server.upstream  # type: ignore[attr-defined]
+        request = Request(upstream + self.path, data=self.rfile.read(length), method="POST")
+        request.add_header("Content-Type", self.headers["Content-Type"])
+        request.add_header("Host", GATEWAY_IMS_HOST)
+        try:
+            with urlopen(request, timeout=10) as answer:
+                status, body = answer.status, answer.read()
+        except HTTPError as exc:
+            status, body = exc.code, exc.read()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+GATEWAY_IMS_HOST = "ims-na1.adobelogin.com"
+
+
+@pytest.mark.parametrize("audience", [None, f"http://{GATEWAY_IMS_HOST}"])
+def test_ims_audience_through_a_gateway(harness: Harness, audience: str | None) -> None:
+    """Through a gateway under another host name, `aud` must name IMS's host: without
+    --ims-audience IMS refuses (exit 3, the audience hint, the host warned about once);
+    with it the token comes at the first request."""
+    emulator = harness.start_emulator()
+    gateway = ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
+    gateway.upstream = emulator.base_url  # type: ignore[attr-defined]
+    threading.Thread(target=gateway.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        extra = ["--ims-audience", audience] if audience else []
+        result = harness.run(
+            "check",
+            "--credentials",
+            str(harness.aem),
+            "--online",
+            "--ims-endpoint",
+            f"http://127.0.0.1:{gateway.server_address[1]}",
+            "--allow-insecure-http",
+            *extra,
+        )
+    finally:
+        gateway.shutdown()
+        gateway.server_close()
+    report = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    warned = [line for line in result.stderr.splitlines() if "not an Adobe IMS host" in line]
+    assert emulator.stats()["requests"]["jwt"] == 1
+    if audience is None:
+        assert result.returncode == 3, result.stdout + result.stderr
+        assert report["error"] == "invalid_client"
+        assert "--ims-audience" in report["hint"]
+        assert len(warned) == 1
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert report["online"] == "ok"
+        assert warned == []
