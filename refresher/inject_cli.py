@@ -246,17 +246,25 @@ class _Octal(int):
 _MODE_KEYS = frozenset({"defaultMode", "mode"})
 
 
-def _octal_modes(node: Any) -> Any:
+def _octal_modes(node: Any, seen: dict[int, Any]) -> Any:
+    """`node` with file modes as `_Octal`. YAML aliases make the documents a graph whose
+    tree can be exponentially large (a "billion laughs"): each shared node is converted
+    once and stays shared, so the dump writes it once, with an alias, as it came."""
+    if not isinstance(node, list | dict):
+        return node
+    if id(node) in seen:
+        return seen[id(node)]
     if isinstance(node, list):
-        return [_octal_modes(item) for item in node]
-    if isinstance(node, dict):
-        return {
-            key: _Octal(value)
-            if key in _MODE_KEYS and type(value) is int and 0 <= value <= 0o777
-            else _octal_modes(value)
-            for key, value in node.items()
-        }
-    return node
+        items: list[Any] = []
+        seen[id(node)] = items
+        items.extend(_octal_modes(item, seen) for item in node)
+        return items
+    converted: dict[Any, Any] = {}
+    seen[id(node)] = converted
+    for key, value in node.items():
+        mode = key in _MODE_KEYS and type(value) is int and 0 <= value <= 0o777
+        converted[key] = _Octal(value) if mode else _octal_modes(value, seen)
+    return converted
 
 
 def dump_documents(documents: list[Any]) -> str:
@@ -272,12 +280,13 @@ def dump_documents(documents: list[Any]) -> str:
         # YAML 1.1 (PyYAML, and kubectl's parser) reads a leading 0 as octal.
         return dumper.represent_scalar("tag:yaml.org,2002:int", f"0{int(data):o}")
 
+    seen: dict[int, Any] = {}
     dumper: Any = type("Dumper", (yaml.SafeDumper,), {})
     dumper.add_representer(str, represent_str)
     dumper.add_representer(_Octal, represent_octal)
     return str(
         yaml.dump_all(
-            [_octal_modes(document) for document in documents],
+            [_octal_modes(document, seen) for document in documents],
             Dumper=dumper,
             sort_keys=False,
             default_flow_style=False,

@@ -597,6 +597,21 @@ def test_cli_malformed_input_never_echoes_it() -> None:
     one_line(result.stderr)
 
 
+def test_cli_survives_a_billion_laughs() -> None:
+    """YAML aliases nested ten deep (10^10 leaves as a tree) pass through in about a second."""
+    lines = [
+        "apiVersion: v1",
+        "kind: ConfigMap",
+        "metadata: {name: lol}",
+        "data:",
+        "  l0: &l0 [lol]",
+    ]
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 10)]
+    result = refresher("inject", stdin="\n".join(lines) + "\n---\n" + DEPLOYMENT)
+    assert result.returncode == 0 and "ims-token-refresher" in result.stdout
+    assert len(result.stdout) < 100_000
+
+
 def test_cli_missing_file_and_bad_image_are_usage_errors(tmp_path: Path) -> None:
     """A missing -f file or an --image with spaces: one line, exit 2."""
     missing = refresher("inject", "-f", str(tmp_path / "nope.yaml"))
