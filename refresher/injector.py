@@ -37,8 +37,10 @@ API_VERSION = "admission.k8s.io/v1"
 RESULTS = ("injected", "unchanged", "refused", "error")
 _JSON = "application/json"
 # A pod is stored in etcd only up to ~1.5 MiB; a review of a bigger one is refused (413).
-# With `max_connections` this bounds what bodies in flight can cost: 128 x 2 MiB.
-LIMITS = Limits(max_body_bytes=2 << 20, max_connections=128, body_timeout_s=5.0)
+# Bodies in flight cost at most max_connections x max_body_bytes (128 MiB, only if every
+# client sends a near-limit body at once); 64 connections leave room for the 50 reviews
+# in flight of a burst, each API server keeping its connections alive.
+LIMITS = Limits(max_body_bytes=2 << 20, max_connections=64, body_timeout_s=5.0)
 METHODS = frozenset({"GET", "HEAD", "POST"})
 
 
