@@ -441,6 +441,19 @@ def test_oversized_review_is_refused_413(injector: Injector) -> None:
     assert injector.request("GET", "/healthz")[0] == 200
 
 
+def test_a_crowd_of_idle_clients_does_not_lock_out_reviews(injector: Injector) -> None:
+    """100 connections that never handshake (more than the injector holds): a review still
+    gets its answer at once, the quietest idle connection giving way."""
+    crowd = [socket.create_connection(("127.0.0.1", injector.port), timeout=5) for _ in range(100)]
+    try:
+        started = time.monotonic()
+        response = injector.review(review(PODS["statefulset"], uid="after-crowd"))
+        assert "patch" in response and time.monotonic() - started < 2
+    finally:
+        for connection in crowd:
+            connection.close()
+
+
 def test_tls_12_is_accepted_and_plain_http_is_not(injector: Injector) -> None:
     """A TLS 1.2-only client is served; a plaintext request gets no HTTP answer."""
     context = injector.ca.context()
