@@ -21,6 +21,7 @@ from refresher.credentials import (
     Credentials,
     change_signature,
     load_credentials,
+    load_settled,
 )
 from refresher.errors import EXIT_USAGE, CredentialsError, CredentialsNotReady
 
@@ -1063,3 +1064,114 @@ def test_inconsistent_rsa_key_is_refused(pair: keys.KeyPair, tmp_path: Path) -> 
     with pytest.raises(CredentialsError, match="not a valid PEM private key") as info:
         load_credentials(path)
     assert pem.splitlines()[1] not in str(info.value)
+
+
+# --- only regular files; broken versus half-written (issue 10, items 9 and 15) ----------------
+# A FIFO opened for a blocking read waits for a writer forever. These run in-process and
+# would hang on a regression: each is also run through the CLI, bounded, in
+# tests/reliability/test_loop_attacks.py.
+
+
+def test_fifo_among_field_files_is_a_credentials_error(
+    tmp_path: Path, all_secrets: keys.SecretTexts
+) -> None:
+    """A FIFO where a per-field file should be is refused (not opened for a blocking read)."""
+    directory = keys.write_fields(tmp_path / "s", keys.oauth_fields())
+    (directory / "client_secret").unlink()
+    os.mkfifo(directory / "client_secret")
+    error = failure(directory, all_secrets)
+    assert "not a regular file" in str(error) and error.field == "client_secret"
+
+
+def test_fifo_inside_the_kubelet_snapshot_is_a_credentials_error(
+    tmp_path: Path, all_secrets: keys.SecretTexts
+) -> None:
+    """A FIFO inside the ..data snapshot (reached through a key link) is refused too."""
+    directory = keys.write_kubelet_secret(tmp_path / "secret", keys.oauth_fields())
+    snapshot = directory / os.readlink(directory / "..data")
+    (snapshot / "client_id").unlink()
+    os.mkfifo(snapshot / "client_id")
+    assert "not a regular file" in str(failure(directory, all_secrets))
+
+
+def test_symlink_inside_the_kubelet_snapshot_is_not_followed(
+    tmp_path: Path, all_secrets: keys.SecretTexts
+) -> None:
+    """kubelet's snapshot holds regular files: a link planted there is not followed."""
+    directory = keys.write_kubelet_secret(tmp_path / "secret", keys.oauth_fields())
+    snapshot = directory / os.readlink(directory / "..data")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("client-from-elsewhere")
+    (snapshot / "client_id").unlink()
+    (snapshot / "client_id").symlink_to(elsewhere)
+    assert "not a regular file" in str(failure(directory, all_secrets))
+
+
+def test_fifo_as_the_credentials_path_is_a_credentials_error(
+    tmp_path: Path, all_secrets: keys.SecretTexts
+) -> None:
+    """PATH itself a FIFO: refused at once."""
+    os.mkfifo(tmp_path / "creds.json")
+    failure(tmp_path / "creds.json", all_secrets)
+
+
+def _never_interrupted(_: float) -> bool:
+    return False
+
+
+def test_settled_load_calls_a_stable_truncation_broken(tmp_path: Path) -> None:
+    """A truncated JSON file that reads the same a moment later is a permanent error."""
+    path = tmp_path / "creds.json"
+    path.write_text(json.dumps(keys.oauth_document())[:40])
+    with pytest.raises(CredentialsError) as info:
+        load_settled(path, wait=_never_interrupted)
+    assert type(info.value) is CredentialsError
+    assert "broken, not half-written" in str(info.value)
+    assert "(half-written?)" not in str(info.value)
+
+
+def test_settled_load_calls_a_stable_empty_directory_broken(tmp_path: Path) -> None:
+    """An empty directory that stays empty is a permanent error too."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CredentialsError) as info:
+        load_settled(tmp_path / "empty", wait=_never_interrupted)
+    assert type(info.value) is CredentialsError
+    assert "empty directory" in str(info.value)
+
+
+def test_settled_load_waits_for_a_writer_that_finishes(tmp_path: Path) -> None:
+    """A file completed during the moment loads: half-written, not broken."""
+    path = tmp_path / "creds.json"
+    text = json.dumps(keys.oauth_document())
+    path.write_text(text[:40])
+    waits: list[float] = []
+
+    def writer_finishes(seconds: float) -> bool:
+        waits.append(seconds)
+        path.write_text(text)
+        return False
+
+    assert load_settled(path, wait=writer_finishes).client_id == keys.CLIENT_ID
+    assert waits == [1.0]
+
+
+def test_settled_load_keeps_a_changing_read_not_ready(tmp_path: Path) -> None:
+    """A file still changing during the moment stays not-ready (retried), not broken."""
+    path = tmp_path / "creds.json"
+    text = json.dumps(keys.oauth_document())
+    path.write_text(text[:40])
+
+    def writer_continues(_: float) -> bool:
+        path.write_text(text[:80])
+        return False
+
+    with pytest.raises(CredentialsNotReady):
+        load_settled(path, wait=writer_continues)
+
+
+def test_settled_load_interrupted_stays_not_ready(tmp_path: Path) -> None:
+    """Shutdown during the moment: the not-ready error as it was, no verdict."""
+    path = tmp_path / "creds.json"
+    path.write_text("{")
+    with pytest.raises(CredentialsNotReady):
+        load_settled(path, wait=lambda _: True)

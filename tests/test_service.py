@@ -19,11 +19,11 @@ from prometheus_client import CollectorRegistry
 
 from refresher.config import build_settings
 from refresher.credentials import load_credentials
-from refresher.errors import ExchangeError, PublishError
+from refresher.errors import CredentialsError, ExchangeError, PublishError
 from refresher.health import HealthState
 from refresher.logs import SecretRegistry
 from refresher.metrics import Metrics
-from refresher.service import Service
+from refresher.service import Service, Stopped
 from refresher.sinks.file import FileSink
 from refresher.token import AccessToken
 from tests.fakes import FakeClock, FakeSleeper
@@ -295,3 +295,71 @@ def test_not_ready_while_no_sink_accepted_the_token(tmp_path: Path, oauth_file: 
     assert metrics.registry.get_sample_value("refresher_token_expiry_timestamp_seconds") == (
         flaky.published[0].expires_at.timestamp()
     )
+
+
+def test_once_deadline_holds_against_a_retry_after_of_an_hour(
+    tmp_path: Path, oauth_file: Path
+) -> None:
+    """429 with Retry-After 3600 and --retry-timeout 10: `once` sleeps until the deadline,
+    not past it, and gives up with IMS's error (exit 1) after one request."""
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 3600)
+    ims.fail_always = ExchangeError("throttled", retryable=True, status=429, retry_after_s=3600)
+    service, _, _, _, sleeper = make_service(
+        tmp_path, oauth_file, clock, ims, retry_timeout="10", watch_interval="1"
+    )
+    started = clock.monotonic()
+    with pytest.raises(ExchangeError) as info:
+        service.once()
+    assert info.value.status == 429 and info.value.exit_code == 1
+    assert clock.monotonic() - started == pytest.approx(10, abs=0.01)
+    assert len(ims.calls) == 1
+    assert max(sleeper.sleeps) <= 1.0  # in watch-interval slices, none past the deadline
+
+
+def test_once_records_the_starting_credentials(tmp_path: Path, oauth_file: Path) -> None:
+    """Unchanged credentials are never taken for a change: no reload, no early request."""
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 3600)
+    ims.fail_always = ExchangeError("throttled", retryable=True, status=429, retry_after_s=4)
+    service, _, metrics, _, _ = make_service(
+        tmp_path, oauth_file, clock, ims, retry_timeout="10", watch_interval="0.5"
+    )
+    with pytest.raises(ExchangeError):
+        service.once()
+    assert metrics.registry.get_sample_value("refresher_credentials_reload_total") == 0
+    gaps = [(b - a).total_seconds() for a, b in zip(ims.calls, ims.calls[1:], strict=False)]
+    assert len(ims.calls) == 3 and all(gap >= 4 for gap in gaps)
+
+
+@pytest.mark.parametrize("command", ["run", "once"])
+def test_stop_during_a_retry_wait_makes_no_further_exchange(
+    tmp_path: Path, oauth_file: Path, command: str
+) -> None:
+    """A stop while waiting out a backoff ends the wait and no IMS call follows."""
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 3600)
+    ims.fail_always = ExchangeError("IMS down", retryable=True, status=503, retry_after_s=30)
+    service, _, _, _, sleeper = make_service(tmp_path, oauth_file, clock, ims, watch_interval="5")
+    sleeper.on_sleep.append(lambda: service.stop() if ims.calls else None)
+    if command == "run":
+        assert service.run() == 0
+    else:
+        with pytest.raises(Stopped):
+            service.once()
+    assert len(ims.calls) == 1
+
+
+def test_a_stable_truncated_file_is_broken_in_once(tmp_path: Path, oauth_file: Path) -> None:
+    """`once` on a truncated file that stays so: a permanent credentials error after one
+    settle moment (1 s), no IMS request, not a retry until --retry-timeout."""
+    oauth_file.write_text(oauth_file.read_text()[:30])
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 3600)
+    service, _, _, _, _ = make_service(tmp_path, oauth_file, clock, ims, retry_timeout="120")
+    started = clock.monotonic()
+    with pytest.raises(CredentialsError) as info:
+        service.once()
+    assert info.value.exit_code == 2 and "broken" in str(info.value)
+    assert clock.monotonic() - started <= 2
+    assert not ims.calls
