@@ -256,6 +256,9 @@ def test_notes_show_how_to_opt_a_pod_in() -> None:
         "injector.tolerations[0].keys=a",
         "injector.failurePolicy=Maybe",
         "injector.replicas=1",
+        "image.tag=0.1.0 --log-level=debug",
+        "injector.sidecarImage=x y",
+        "certManager.issuerRef.name=Corp CA",
     ],
 )
 def test_unknown_or_invalid_values_are_refused(setting: str) -> None:
@@ -264,6 +267,52 @@ def test_unknown_or_invalid_values_are_refused(setting: str) -> None:
     assert result.returncode != 0, f"{setting} was accepted"
     key = re.split(r"[.=\[]", setting.partition("=")[0])[-1]
     assert key in result.stderr or "additional properties" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [
+        ("injector.sidecarImage", "args"),
+        ("image.tag", "image"),
+        ("injector.priorityClassName", "priorityClassName"),
+    ],
+)
+def test_hostile_strings_stay_one_value_without_the_schema(setting: str, field: str) -> None:
+    """A value carrying YAML structure renders as one quoted string even with the schema
+    skipped: it can add no argument, key or object (the schema also refuses it)."""
+    hostile = 'x"\n- --log-level=debug\nextra: injected'
+    args = ["template", RELEASE, str(CHART), "--skip-schema-validation"]
+    result = _helm(*args, "--set-json", f"{setting}={json.dumps(hostile)}")
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    container = injector_container(objects)
+    pod = the(objects, "Deployment", "injector")["spec"]["template"]["spec"]
+    assert len(container["args"]) == len(injector_container(render())["args"])
+    rendered = {
+        "args": flags(container)["image"],
+        "image": container["image"].removeprefix(f"{REFRESHER_IMAGE}:"),
+        "priorityClassName": pod.get("priorityClassName"),
+    }[field]
+    assert rendered == hostile
+    assert "extra" not in pod and "extra" not in container
+
+
+def test_names_fit_kubernetes_limits_for_the_longest_release_name() -> None:
+    """With a 53-character release name (Helm's limit) every name and label value is valid."""
+    release = "r" * 53
+    settings = [word for setting in EVERYTHING_ON for word in ("--set", setting)]
+    result = _helm("template", release, str(CHART), *settings)
+    assert result.returncode == 0, result.stderr
+    # Kubernetes' IsDNS1123Subdomain: 253 characters, no per-segment limit.
+    segment = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+    for obj in filter(None, yaml.safe_load_all(result.stdout)):
+        name = obj["metadata"]["name"]
+        if obj["kind"] == "Service":  # an RFC 1035 label: it becomes a DNS name
+            assert re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name), name
+        else:  # an RFC 1123 subdomain
+            assert len(name) <= 253 and re.fullmatch(rf"{segment}(\.{segment})*", name), name
+        for value in obj["metadata"].get("labels", {}).values():
+            assert len(value) <= 63, value
 
 
 def _schema() -> Obj:
