@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import base64
 import functools
+import http.client
 import json
 import re
+import socket
+import ssl
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -476,6 +481,107 @@ def test_generated_certificate_is_served_and_trusted() -> None:
     mounted = injector_container(objects)["volumeMounts"][0]["mountPath"]
     assert flags(injector_container(objects))["tls-cert-file"] == f"{mounted}/tls.crt"
     assert flags(injector_container(objects))["tls-key-file"] == f"{mounted}/tls.key"
+
+
+def _start_chart_injector(objects: list[Obj], tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """`refresher injector` with the chart's own arguments and generated Secret, on a free
+    loopback port instead of 0.0.0.0:8443; returns the process and its port."""
+    tls = tmp / "tls"
+    tls.mkdir()
+    for key, value in the(objects, "Secret")["data"].items():
+        (tls / key).write_bytes(base64.b64decode(value))
+    mount = injector_container(objects)["volumeMounts"][0]["mountPath"]
+    args = [
+        "--listen=127.0.0.1:0" if word.startswith("--listen=") else word.replace(mount, str(tls))
+        for word in injector_container(objects)["args"]
+    ]
+    log = tmp / "injector.log"
+    env = {"PATH": "/usr/bin:/bin"}  # no REFRESHER_* from the developer's shell
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "refresher", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and process.poll() is None:
+        for line in log.read_text().splitlines():
+            if "serving admission reviews" in line:
+                return process, int(json.loads(line)["listen"].rsplit(":", 1)[1])
+        time.sleep(0.05)
+    process.kill()
+    process.wait(5)
+    pytest.fail(f"the injector did not start:\n{log.read_text()[-2000:]}")
+
+
+def test_the_real_injector_serves_the_chart_certificate_and_injects() -> None:
+    """The CLI started with the chart's arguments and Secret answers over TLS that the
+    webhook's caBundle verifies for the Service's name, and injects the chart's image."""
+    _injector_help()  # skips until `refresher injector` exists
+    objects = render()
+    (webhook,) = the(objects, "MutatingWebhookConfiguration")["webhooks"]
+    context = ssl.create_default_context(
+        cadata=base64.b64decode(webhook["clientConfig"]["caBundle"]).decode()
+    )
+    service = webhook["clientConfig"]["service"]
+    server_name = f"{service['name']}.{service['namespace']}.svc"  # what the API server asks for
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "web-",
+            "namespace": "shop",
+            "labels": {OPT_IN_LABEL: "true"},
+            "annotations": {"ims-token-refresher.io/credentials-secret": "adobe-ims-credentials"},
+        },
+        "spec": {"containers": [{"name": "app", "image": "busybox:1.37.0"}]},
+    }
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "0c1d2e3f",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "object": pod,
+        },
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        process, port = _start_chart_injector(objects, Path(tmp))
+        try:
+            # One kept-alive connection, verified for server_name (not the IP) by
+            # handing http.client a socket that is already TLS.
+            connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=5)
+            connection.sock = context.wrap_socket(
+                socket.create_connection(("127.0.0.1", port), timeout=5),
+                server_hostname=server_name,
+            )
+            connection.request("GET", "/readyz")
+            ready = connection.getresponse()
+            ready.read()
+            assert ready.status == 200
+            connection.request(
+                "POST",
+                "/mutate",
+                body=json.dumps(review),
+                headers={"Content-Type": "application/json"},
+            )
+            response = connection.getresponse()
+            answer = json.loads(response.read())["response"]
+            connection.close()
+        finally:
+            process.terminate()
+            process.wait(10)
+    assert response.status == 200 and answer["uid"] == "0c1d2e3f"
+    assert answer["allowed"] is True, answer
+    patch = json.loads(base64.b64decode(answer["patch"]))
+    images = re.findall(r'"image": "([^"]+)"', json.dumps(patch))
+    assert flags(injector_container(objects))["image"] in images
+    assert process.returncode == 0
 
 
 def _cert_manager_problems(objects: list[Obj], namespace: str) -> Iterator[str]:
