@@ -89,6 +89,8 @@ def _crash_loop(harness: Harness, kills: int, figures: dict[str, Any]) -> None:
             "0.05",
             "--backoff-max",
             "0.2",
+            "--min-token-lifetime",  # 0.4 s tokens: far under the 1 s default
+            "0.1",
         ),
     ]
     seed = random.randrange(1 << 30)
