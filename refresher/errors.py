@@ -41,6 +41,9 @@ class CredentialsError(RefresherError):
         where = ", ".join(part for part in (source, f"field {field!r}" if field else "") if part)
         super().__init__(f"{where}: {message}" if where else message)
 
+    def log_fields(self) -> dict[str, object]:
+        return {"source": self.source or None, "field": self.field or None}
+
 
 class CredentialsNotReady(CredentialsError):
     """An empty or half-written read (kubelet mid-swap): retry shortly, never use it."""
