@@ -19,7 +19,7 @@ import pytest
 
 from refresher.config import build_settings
 from refresher.credentials import load_credentials
-from refresher.errors import ExchangeError, Rejected, Transient
+from refresher.errors import ExchangeError, LocalSetup, Rejected, Transient
 from refresher.ims import MAX_BODY_BYTES, ImsClient
 from tests.conftest import Harness
 
@@ -104,6 +104,7 @@ def test_redirect_is_not_followed(canned: ThreadingHTTPServer, harness: Harness)
         with pytest.raises(ExchangeError, match="redirect") as info:
             client_for(url_of(canned)).exchange(load_credentials(harness.oauth), now)
         assert not info.value.retryable
+        assert isinstance(info.value, LocalSetup) and info.value.exit_code == 1
         assert target.seen == []  # type: ignore[attr-defined]
     finally:
         target.shutdown()
@@ -429,3 +430,11 @@ def test_skew_is_measured_from_error_answers_too(
     with pytest.raises(Transient):
         client.exchange(load_credentials(harness.oauth), now)
     assert -122 <= client.clock_skew_s <= -118
+
+
+def test_plain_http_without_the_flag_is_a_local_setup_error() -> None:
+    """http:// without --allow-insecure-http: LocalSetup (exit 1, not retried)."""
+    client = ImsClient(build_settings({"credentials": "x"}, needs_output=False).ims)
+    with pytest.raises(LocalSetup, match="allow-insecure-http") as info:
+        client.check_transport("http://127.0.0.1:9")
+    assert (info.value.retryable, info.value.exit_code) == (False, 1)
