@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -59,7 +60,7 @@ TRANSIENT_ERRORS = frozenset({"server_error", "temporarily_unavailable"})
 _NOT_THE_SECRET = frozenset({"audience", "client_id"})
 # The token is sent as `Authorization: Bearer <token>` and published as a file that shells
 # splice into headers: one line of visible ASCII, no space, nothing else.
-_TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
@@ -198,7 +199,7 @@ def token_lifetime_s(
 
 def is_token_text(value: object) -> bool:
     """A single line of visible ASCII without spaces (what a Bearer header can carry)."""
-    return isinstance(value, str) and bool(value) and all(c in _TOKEN_CHARS for c in value)
+    return isinstance(value, str) and _TOKEN_TEXT.fullmatch(value) is not None
 
 
 def _number(value: object) -> float | None:

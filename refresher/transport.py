@@ -23,6 +23,7 @@ import contextvars
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,49 @@ class _Adapter(HTTPAdapter):
         return manager
 
 
+class _Watchdog:
+    """One thread per transport that fires the armed watch at its deadline.
+
+    Cheaper than a timer thread per exchange (starting a thread costs about as much as a
+    loopback exchange); it sleeps on a condition and wakes only to re-arm or to fire.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._armed: tuple[_Watch, float] | None = None
+        self._thread: threading.Thread | None = None
+
+    def arm(self, watch: _Watch, deadline: float) -> None:
+        with self._cond:
+            self._armed = (watch, deadline)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="ims-exchange-deadline", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self, watch: _Watch) -> None:
+        # No notify: the thread wakes at the old deadline, finds nothing, sleeps again.
+        with self._cond:
+            if self._armed is not None and self._armed[0] is watch:
+                self._armed = None
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                armed = self._armed
+                if armed is None:
+                    self._cond.wait()
+                    continue
+                remaining = armed[1] - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                self._armed = None
+                armed[0].fire("deadline")
+
+
 class Transport:
     """POSTs a form and returns the whole answer within `connect + read` timeout, or raises."""
 
@@ -188,6 +232,7 @@ class Transport:
         self._lock = threading.Lock()
         self._watch: _Watch | None = None
         self._cancelled = False
+        self._watchdog = _Watchdog()
 
     def close(self) -> None:
         self.session.close()
@@ -206,10 +251,8 @@ class Transport:
             if self._cancelled:
                 raise Transient("not contacting IMS: stopping")
             self._watch = watch
-        timer = threading.Timer(self.deadline_s, watch.fire, args=("deadline",))
-        timer.daemon = True
         token = _CURRENT.set(watch)
-        timer.start()
+        self._watchdog.arm(watch, time.monotonic() + self.deadline_s)
         try:
             answer = self._post(url, form)
             if watch.reason is None:
@@ -218,7 +261,7 @@ class Transport:
             if watch.reason is None:
                 raise
         finally:
-            timer.cancel()
+            self._watchdog.disarm(watch)
             _CURRENT.reset(token)
             watch.close()
             with self._lock:
