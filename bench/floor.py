@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import jwt
 import requests
@@ -29,13 +30,13 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 
 @functools.lru_cache(maxsize=4)
-def _key(pem: str) -> object:
+def _key(pem: str) -> Any:
     # Loading an RSA key checks it, which costs tens of ms: parse each PEM once, as
     # the refresher does, while the file itself is still re-read on every cycle.
     return load_pem_private_key(pem.encode(), password=None)
 
 
-def _assertion(integration: dict, ims: str) -> str:
+def _assertion(integration: dict[str, Any], ims: str) -> str:
     claims = {
         "exp": round(time.time() + 300),
         "iss": integration["org"],
@@ -50,7 +51,7 @@ def _assertion(integration: dict, ims: str) -> str:
     return jwt.encode(claims, _key(integration["privateKey"]), algorithm="RS256")
 
 
-def _exchange(session: requests.Session, integration: dict, ims: str) -> dict:
+def _exchange(session: requests.Session, integration: dict[str, Any], ims: str) -> dict[str, Any]:
     account = integration["technicalAccount"]
     response = session.post(
         f"{ims}/ims/exchange/jwt",
@@ -62,7 +63,8 @@ def _exchange(session: requests.Session, integration: dict, ims: str) -> dict:
         timeout=(5, 15),
     )
     response.raise_for_status()
-    return response.json()
+    answer: dict[str, Any] = response.json()
+    return answer
 
 
 def _publish(path: str, token: str) -> None:

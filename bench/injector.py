@@ -1,19 +1,22 @@
-"""Benchmark of `refresher injector`: latency per admission review over TLS, and memory.
+"""The webhook as a subject: `refresher injector` over TLS, and the clients that load it.
 
-The injector runs as the container runs it (a process of its own, the real CLI);
-clients keep their TLS connections alive, as the API server does, and send a real
-pod's AdmissionReview (the Deployment of tests/test_inject.py, as a pod). Clients
-are closed-loop: each sends its next review as soon as the last one is answered,
-so 50 clients keep 50 reviews in flight at all times (harsher than pod creation
-bursts). The clients run in separate processes, so that their own Python cost is
-not the injector's; on a small machine they still compete with it for CPU, which
-the figures include.
+The injector runs as the container runs it (the real CLI, a process of its own, JSON
+logs at info: a line per review). Clients keep their TLS connections alive, as the
+API server does, and send the AdmissionReview of a real pod (POD below: init
+containers, volumes, probes). They run in separate processes, so that their own
+Python cost is not the injector's; on a small machine they still compete with it for
+CPU, which the figures include.
 
-Latency is measured by each client from sending the request to reading the whole
-answer. Memory is the injector's VmHWM / VmRSS after the runs.
-
-    .venv/bin/python bench/injector.py            # prints a Markdown section
-    BENCH_QUICK=1 .venv/bin/python bench/injector.py
+Three loads, each measured by the clients from sending a request to reading the whole
+answer:
+- one client, closed loop: the next review as soon as the last is answered (the
+  latency of one review with nothing else in flight);
+- 50 clients, paced: each sends a review every `interval_s` from a random phase, an
+  offered load far above a rollout's pod creations, yet one the injector can serve
+  (the latency goal applies here);
+- 50 clients, closed loop: 50 reviews in flight at all times, which measures capacity
+  (reviews/s); its latencies are queueing (Little's law: 50 / throughput), not
+  service time.
 """
 
 from __future__ import annotations
@@ -23,66 +26,80 @@ import http.client
 import ipaddress
 import json
 import multiprocessing
-import os
+import random
+import ssl
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from measuring import MIB, Workspace, percentile, status, stderr_of
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# The pod template of a Deployment that opts in (as tests/test_inject.py's DEPLOYMENT):
+# a copy, so that the benchmark does not depend on the test suite's layout.
+POD: dict[str, Any] = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {
+        "generateName": "orders-7d9f8-",
+        "labels": {"app": "orders", "ims-token-refresher.io/inject": "true"},
+        "annotations": {
+            "ims-token-refresher.io/credentials-secret": "orders-adobe",
+            "ims-token-refresher.io/token-path": "/var/run/secrets/adobe",
+            "prometheus.io/scrape": "true",
+        },
+    },
+    "spec": {
+        "serviceAccountName": "orders",
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 2000},
+        "initContainers": [
+            {
+                "name": "migrate",
+                "image": "registry.example.com/orders:4.2",
+                "args": ["migrate", "--wait"],
+                "volumeMounts": [{"name": "config", "mountPath": "/etc/orders"}],
+            }
+        ],
+        "containers": [
+            {
+                "name": "api",
+                "image": "registry.example.com/orders:4.2",
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}},
+                "volumeMounts": [
+                    {"name": "config", "mountPath": "/etc/orders"},
+                    {"name": "cache", "mountPath": "/var/cache/orders"},
+                ],
+            },
+            {"name": "worker", "image": "registry.example.com/orders:4.2", "args": ["worker"]},
+        ],
+        "volumes": [
+            {"name": "config", "configMap": {"name": "orders-config"}},
+            {"name": "cache", "emptyDir": {}},
+        ],
+    },
+}
 
-QUICK = os.environ.get("BENCH_QUICK") == "1"
-REQUESTS_PER_CLIENT_1 = 300 if QUICK else 2000
-REQUESTS_TOTAL_50 = 2000 if QUICK else 10000
 
+@dataclass(frozen=True)
+class Load:
+    """One load: `clients` keep-alive connections, `count` reviews each, paced or not."""
 
-def certificate(directory: Path) -> Path:
-    """A self-signed serving certificate for 127.0.0.1; returns the CA (= cert) path."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "injector-bench")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "tls.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return directory / "tls.crt"
+    name: str
+    clients: int
+    count: int
+    interval_s: float | None  # None: closed loop
 
 
 def review_body() -> bytes:
-    from tests.test_inject import DEPLOYMENT  # a real pod with init containers and volumes
-
-    template = yaml.safe_load(DEPLOYMENT)["spec"]["template"]
-    template["metadata"]["generateName"] = "orders-7d9f8-"
-    pod = {"apiVersion": "v1", "kind": "Pod", **template}
     review = {
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -93,7 +110,7 @@ def review_body() -> bytes:
             "namespace": "shop",
             "operation": "CREATE",
             "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
-            "object": pod,
+            "object": POD,
             "oldObject": None,
             "dryRun": False,
         },
@@ -101,17 +118,49 @@ def review_body() -> bytes:
     return json.dumps(review).encode()
 
 
-def client(port: int, ca: str, count: int, body: bytes, start: float) -> list[float]:
-    """One keep-alive client: `count` reviews back to back; latencies in seconds."""
-    import ssl
+def certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed serving certificate for 127.0.0.1: (cert = CA, key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "injector-bench")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=6))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return directory / "tls.crt", directory / "tls.key"
 
+
+def _client(port: int, ca: str, load: Load, body: bytes, start: float, seed: int) -> list[float]:
+    """One keep-alive client: `load.count` reviews; latencies in seconds."""
     context = ssl.create_default_context(cafile=ca)
     connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
     connection.connect()
-    while time.time() < start:  # every client starts together
-        time.sleep(0.001)
+    phase = random.Random(seed).uniform(0, load.interval_s or 0)
     latencies = []
-    for _ in range(count):
+    for index in range(load.count):
+        due = start + phase + index * (load.interval_s or 0)
+        while (delay := due - time.time()) > 0:  # paced: wait for the slot; late: go now
+            time.sleep(delay)
         began = time.perf_counter()
         connection.request("POST", "/mutate", body, {"Content-Type": "application/json"})
         answer = connection.getresponse()
@@ -123,122 +172,97 @@ def client(port: int, ca: str, count: int, body: bytes, start: float) -> list[fl
     return latencies
 
 
-def _client_group(args: tuple[int, str, int, int, bytes, float]) -> list[float]:
-    port, ca, clients, count, body, start = args
-    results: list[list[float]] = [[] for _ in range(clients)]
+def _client_group(args: tuple[int, str, Load, int, bytes, float, int]) -> list[float]:
+    port, ca, load, threads, body, start, seed = args
+    results: list[list[float]] = [[] for _ in range(threads)]
 
     def run(index: int) -> None:
-        results[index] = client(port, ca, count, body, start)
+        results[index] = _client(port, ca, load, body, start, seed * 1000 + index)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if any(len(r) != load.count for r in results):
+        raise RuntimeError("a webhook client failed")
     return [latency for result in results for latency in result]
 
 
-def measure(port: int, ca: str, clients: int, total: int, body: bytes) -> list[float]:
-    processes = min(clients, 10)  # 50 clients: 10 processes of 5 threads
-    per_process = clients // processes
-    count = max(1, total // clients)
-    start = time.time() + 1.0
-    with multiprocessing.Pool(processes) as pool:
-        groups = pool.map(_client_group, [(port, ca, per_process, count, body, start)] * processes)
+def drive(port: int, ca: Path, load: Load, body: bytes) -> list[float]:
+    """Run `load` against the injector; every client starts together, one second from now."""
+    processes = min(load.clients, 10)  # 50 clients: 10 processes of 5 threads
+    start = time.time() + 1.0 + processes * 0.1  # spawned interpreters start in ~0.1 s each
+    jobs = [
+        (port, str(ca), load, load.clients // processes, body, start, seed)
+        for seed in range(processes)
+    ]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        groups = pool.map(_client_group, jobs)
     return [latency for group in groups for latency in group]
 
 
-def memory(pid: int) -> dict[str, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
-            fields[key] = int(value.split()[0])
-    return fields
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of the whole process (every thread), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="injector-bench-") as scratch:
-        directory = Path(scratch)
-        ca = certificate(directory)
-        log = directory / "injector.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHER_")}
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "refresher",
-                    "injector",
-                    "--listen=127.0.0.1:0",
-                    f"--tls-cert-file={ca}",
-                    f"--tls-key-file={directory / 'tls.key'}",
-                    "--log-level=info",  # a JSON line per review, as in production
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=ROOT,
-            )
+def _cpu_ns(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            port = _port(proc, log)
-            idle = memory(proc.pid)
-            body = review_body()
-            rows = []
-            for clients, total in ((1, REQUESTS_PER_CLIENT_1), (50, REQUESTS_TOTAL_50)):
-                measure(port, str(ca), clients, min(total, 500), body)  # warm up
-                cpu_before = cpu_seconds(proc.pid)
-                latencies = measure(port, str(ca), clients, total, body)
-                cpu = (cpu_seconds(proc.pid) - cpu_before) / len(latencies)
-                rows.append((clients, len(latencies), latencies, cpu))
-            after = memory(proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(10)
-    print("## Injector (admission webhook)\n")
-    print(
-        f"One review of a {len(body):,}-byte pod (`bench/injector.py`), TLS 1.3 keep-alive"
-        f" connections on loopback, closed-loop clients; {os.cpu_count()} CPUs shared by"
-        " the injector and its clients.\n"
-    )
-    print("| clients | reviews | p50 | p99 | max | reviews/s | injector CPU per review |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for clients, count, latencies, cpu in rows:
-        p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
-        rate = clients / statistics.mean(latencies)
-        print(
-            f"| {clients} | {count:,} | {p50 * 1000:.2f} ms | {p99 * 1000:.2f} ms"
-            f" | {max(latencies) * 1000:.2f} ms | {rate:,.0f} | {cpu * 1e6:.0f} µs |"
-        )
-    print(
-        f"\nMemory: {idle['VmRSS'] / 1024:.1f} MiB RSS idle after start;"
-        f" {after['VmRSS'] / 1024:.1f} MiB RSS and {after['VmHWM'] / 1024:.1f} MiB peak"
-        " after the runs."
-    )
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
 
 
-def _port(proc: subprocess.Popen[bytes], log: Path) -> int:
-    deadline = time.monotonic() + 15
+def _port(child: subprocess.Popen[bytes], log: Path) -> int:
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
+        for line in log.read_text(errors="replace").splitlines():
             if "serving admission reviews" in line:
                 return int(json.loads(line)["listen"].rsplit(":", 1)[1])
-        if proc.poll() is not None:
+        if child.poll() is not None:
             break
         time.sleep(0.05)
-    raise SystemExit(f"injector did not start:\n{log.read_text()}")
+    raise RuntimeError(f"the injector did not start:\n{stderr_of(child)}")
 
 
-if __name__ == "__main__":
-    main()
+def argv(cert: Path, key: Path) -> list[str]:
+    return [
+        str(Path(sys.executable).parent / "refresher"),
+        "injector",
+        "--listen=127.0.0.1:0",
+        f"--tls-cert-file={cert}",
+        f"--tls-key-file={key}",
+        "--log-level=info",  # a JSON line per review, as in production
+    ]
+
+
+def measure(space: Workspace, loads: list[Load]) -> dict[str, Any]:
+    """Start the injector, warm it up, run each load; latencies, CPU per review, memory."""
+    cert, key = certificate(space.path("injector-tls"))
+    log = space.path("injector.log")
+    with log.open("wb") as out:
+        child = space.spawn(argv(cert, key), stdout=out, name="injector")
+    child.stderr_path = log  # type: ignore[attr-defined]  # it logs to stdout
+    try:
+        port = _port(child, log)
+        idle_rss = int(status(child.pid)["VmRSS"].split()[0]) / MIB
+        body = review_body()
+        drive(port, cert, Load("warm-up", 1, 200, None), body)
+        figures: dict[str, Any] = {"body_bytes": len(body), "idle_rss_mib": idle_rss}
+        for load in loads:
+            before = _cpu_ns(child.pid)
+            latencies = drive(port, cert, load, body)
+            figures[load.name] = {
+                "reviews": len(latencies),
+                "p50_ms": percentile(latencies, 0.50) * 1000,
+                "p99_ms": percentile(latencies, 0.99) * 1000,
+                "max_ms": max(latencies) * 1000,
+                # Closed loop: each client has one review in flight, so clients / latency.
+                "per_s": load.clients / statistics.mean(latencies),
+                "cpu_us": (_cpu_ns(child.pid) - before) / 1000 / len(latencies),
+            }
+        fields = status(child.pid)
+        figures["rss_mib"] = int(fields["VmRSS"].split()[0]) / MIB
+        figures["hwm_mib"] = int(fields["VmHWM"].split()[0]) / MIB
+        return figures
+    finally:
+        space.stop(child)
