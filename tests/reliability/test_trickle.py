@@ -211,8 +211,10 @@ def test_once_exits_1_at_the_deadline(harness: Harness, figures: dict[str, objec
             str(CONNECT_S),
             "--read-timeout",
             str(READ_S),
+            # Past the retry deadline when the exchange ends, but short of once's own
+            # backstop (retry timeout + 2 s): the exchange deadline is what ends it.
             "--retry-timeout",
-            "1",
+            "2",
             timeout=30,
         )
         elapsed = time.monotonic() - started
