@@ -96,10 +96,11 @@ ok "check: the credentials are valid"
   || fail "refresher once exited $?"
 for name in access_token expires_at token.json; do
   read -r mode owner group < <(stat -L -c '%a %u %g' "$root/run/adobe-ims/$name")
-  [[ "$mode $owner" == "440 $uid" ]] || fail "$name is mode $mode owner $owner, not 440 $uid"
+  [[ "$mode $owner $group" == "440 $uid $uid" ]] \
+    || fail "$name is mode $mode owner $owner:$group, not 440 $uid:$uid"
 done
 [[ -s "$root/run/adobe-ims/access_token" ]] || fail "once published an empty token"
-ok "once: token files published, 0440, owned by $uid"
+ok "once: token files published, 0440, owned by $uid:$uid"
 
 "${as_pod[@]}" refresher run "${common[@]}" --token-dir /run/adobe-ims --listen 127.0.0.1:9876 \
   --log-format text >"$root/run/ims-emulator/run.log" 2>&1 &

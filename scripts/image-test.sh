@@ -53,7 +53,7 @@ elapsed() { echo "$(( $(date +%s) - $1 ))s"; }
 
 cleanup() {
   local status=$?
-  [[ -n "${CONTAINER:-}" ]] && bh rm "$CONTAINER" >/dev/null 2>&1 || true
+  if [[ -n "${CONTAINER:-}" ]]; then bh rm "$CONTAINER" >/dev/null 2>&1 || true; fi
   bh rmi "$IMAGE" >/dev/null 2>&1 || true
   exit "$status"
 }
@@ -62,6 +62,7 @@ trap cleanup EXIT
 apt_mirror() {
   # The first non-security archive apt on this machine is configured with.
   local uri
+  # shellcheck disable=SC2016  # $(REPO_URI) is apt's template, not a shell expansion
   uri="$(apt-get indextargets --format '$(REPO_URI)' 'Created-By: Packages' 2>/dev/null \
     | grep -v -e security -e updates | head -n 1 || true)"
   echo "${uri:-http://deb.debian.org/debian/}"
