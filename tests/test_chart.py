@@ -240,6 +240,15 @@ def test_notes_show_how_to_opt_a_pod_in() -> None:
     assert "ims-token-refresher.io/credentials-secret:" in notes
 
 
+def test_notes_warn_when_installed_in_default() -> None:
+    """Installed in "default", NOTES.txt warns that pods there are never injected."""
+    result = _helm("install", RELEASE, str(CHART), "--namespace", "default", "--dry-run=client")
+    assert result.returncode == 0, result.stderr
+    assert 'WARNING: this release is in namespace "default"' in result.stdout
+    quiet = _helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
+    assert "WARNING" not in quiet.stdout.split("NOTES:", 1)[1]
+
+
 # --- values and schema ------------------------------------------------------------
 
 
