@@ -95,7 +95,7 @@ RULES: tuple[_Rule, ...] = (
     _rule(
         "jwt_expired",
         "invalid_token",
-        "jwt | token; expired",
+        "jwt; expired",
         "IMS judged the signed JWT expired and IMS's clock (its Date header) does not explain "
         "it: check this node's clock (NTP), and that --jwt-ttl is not shorter than the "
         "network delay",
@@ -104,7 +104,7 @@ RULES: tuple[_Rule, ...] = (
     _rule(
         "jwt_not_yet_valid",
         "invalid_token",
-        "jwt | token; not yet valid",
+        "jwt; not yet valid",
         "IMS judged the signed JWT not yet valid and IMS's clock (its Date header) does not "
         "explain it: check this node's clock (NTP)",
     ),

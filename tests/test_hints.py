@@ -50,6 +50,8 @@ TABLE = [
     # Words inside other words do not count ("fraud" is not "aud", "expiredness" ...).
     (400, "invalid_client", "fraud suspected", None),
     (400, "invalid_token", "jwt expiredness", None),
+    # An expired *access token* is not our JWT: the clock hint would mislead.
+    (400, "invalid_token", "The access token provided is expired", None),
 ]
 
 
