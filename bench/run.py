@@ -7,7 +7,8 @@
 The harness: measuring.py (process sampling, timings, statistics), subjects.py (the
 refresher, the floor, @adobe/jwt-auth, the emulator), injector.py (the webhook and its
 clients), figures.py (what each section runs and records), report.py with
-benchmarks.md.in and savings.toml (the document).
+benchmarks.md.in and savings.toml (the document). cycle_profile.py is apart: where a
+cycle's CPU goes (cProfile) and what it allocates (tracemalloc), as leads.
 
 Environment (each also a flag): BENCH_QUICK=1 (--quick), BENCH_ONLY=a,b (--only),
 BENCH_SRC=DIR (--src: the refresher from another source tree, by PYTHONPATH; the
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     space = Workspace(src=src, keep=args.keep, node_path=NODE_DIR / "node_modules")
     lab = Lab(space)
     results = figures.Results()
+    loads: list[str] = []  # 1-minute load average as each section starts
     try:
         compile_sources(space)
         lab.install_node_peer()
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             lab.check_node_peer(probe)
             probe.stop()
         for name in sections:
+            loads.append(f"{name} {loadavg().split()[0]}")
             print(f"{name} ...", flush=True)
             figures.SECTIONS[name](lab, plan, results)
         commands = _commands(lab)
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         space.close()
     python_versions, node_versions = _versions()
     load_end = loadavg()
-    busy = max(float(x) for x in (load_start + " " + load_end).split()) > 0.5
+    # The load before the first process starts is other work's; later, it is partly ours.
+    busy = max(float(x) for x in load_start.split()[:2]) > 0.5
     meta = {
         "mode": "quick (`--quick`: every subject briefly; not for comparison)"
         if args.quick
@@ -191,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "elapsed": f"{(time.monotonic() - started) / 60:.1f} min",
         "machine": _machine(),
-        "load_note": f"load average {load_start} at start, {load_end} at end"
-        + (" — taken under load: other work shared the machine" if busy else ""),
+        "load_note": f"load average {load_start} before the run (1, 5, 15 min), {load_end} "
+        f"after it; 1-minute load as each section started: {', '.join(loads)}"
+        + (". **Taken under load**: other work shared the machine" if busy else ""),
         "revision": _revision(src) + (f", from {src}" if src else ""),
         "python_versions": python_versions,
         "node_versions": node_versions,
