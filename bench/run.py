@@ -10,11 +10,16 @@ clients), figures.py (what each section runs and records), report.py with
 benchmarks.md.in and savings.toml (the document). cycle_profile.py is apart: where a
 cycle's CPU goes (cProfile) and what it allocates (tracemalloc), as leads.
 
-Environment (each also a flag): BENCH_QUICK=1 (--quick), BENCH_ONLY=a,b (--only),
-BENCH_SRC=DIR (--src: the refresher from another source tree, by PYTHONPATH; the
-emulator stays this tree's), BENCH_OUT=FILE (--out; by default only a full run of every
-section on this tree writes docs/benchmarks.md), BENCH_KEEP=1 (--keep the scratch
-directory with every process's logs).
+Environment (each also a flag):
+  BENCH_QUICK=1   --quick
+  BENCH_ONLY=a,b  --only: these sections only
+  BENCH_SRC=DIR   --src: the refresher from another source tree, by PYTHONPATH (the
+                  emulator stays this tree's)
+  BENCH_REV=REV   --rev: refresher/ as committed at a git revision of this tree (HEAD
+                  while others edit the working tree; v0.1.0 to compare)
+  BENCH_OUT=FILE  --out: where the document goes; by default only a full run of every
+                  section on this tree (or --rev) writes docs/benchmarks.md
+  BENCH_KEEP=1    --keep the scratch directory, with every process's logs
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", default=env("BENCH_QUICK") == "1")
     parser.add_argument("--only", default=env("BENCH_ONLY", ""), help="sections, comma-separated")
     parser.add_argument("--src", default=env("BENCH_SRC"), help="refresher source tree")
+    parser.add_argument("--rev", default=env("BENCH_REV"), help="git revision of refresher/")
     parser.add_argument("--out", default=env("BENCH_OUT"), help="write the document here")
     parser.add_argument("--keep", action="store_true", default=env("BENCH_KEEP") == "1")
     args = parser.parse_args(argv)
@@ -100,6 +106,23 @@ def _revision(src: Path | None) -> str:
     except (subprocess.SubprocessError, OSError):
         return "unknown"
     return head + (" + uncommitted changes in refresher/" if dirty else "")
+
+
+def _short(rev: str) -> str:
+    git = ["git", "-C", str(ROOT), "rev-parse", "--short", f"{rev}^{{commit}}"]
+    return subprocess.run(git, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _export(rev: str, into: Path) -> Path:
+    """refresher/ as committed at `rev`, unpacked into `into` (for PYTHONPATH)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", _short(rev), "refresher"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def _machine() -> str:
@@ -158,11 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     plan = figures.Plan.quick() if args.quick else figures.Plan()
     src = Path(args.src).resolve() if args.src else None
     full = not args.quick and not args.only and src is None
+    if args.rev and src is not None:
+        raise SystemExit("bench: --src and --rev exclude each other")
     out = Path(args.out) if args.out else (DOC if full else None)
     sections = args.only or list(figures.SECTIONS)
 
     started, load_start = time.monotonic(), loadavg()
     space = Workspace(src=src, keep=args.keep, node_path=NODE_DIR / "node_modules")
+    revision = _revision(src) + (f", from {src}" if src else "")
+    if args.rev:
+        space.src, revision = _export(args.rev, space.work / "src"), _short(args.rev)
     lab = Lab(space)
     results = figures.Results()
     loads: list[str] = []  # 1-minute load average as each section starts
@@ -198,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_note": f"load average {load_start} before the run (1, 5, 15 min), {load_end} "
         f"after it; 1-minute load as each section started: {', '.join(loads)}"
         + (". **Taken under load**: other work shared the machine" if busy else ""),
-        "revision": _revision(src) + (f", from {src}" if src else ""),
+        "revision": revision,
         "python_versions": python_versions,
         "node_versions": node_versions,
         "commands": commands,
