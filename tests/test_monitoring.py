@@ -44,6 +44,7 @@ EXPORTED_METRICS: Mapping[str, str] = {
     "refresher_on_refresh_total": "counter",
     "refresher_adopted_total": "counter",
     "refresher_build_info": "gauge",
+    "refresher_clock_skew_seconds": "gauge",
 }
 
 # Each metric's own labels and, where the set is closed, their values.
@@ -265,7 +266,7 @@ def test_prometheusrule_is_a_v1_prometheusrule() -> None:
 
 
 def test_the_required_alerts_exist_with_their_severities() -> None:
-    """Token expiry, invalid token, failing refresh, certificate, down and absent alerts exist."""
+    """Token, refresh, certificate, clock skew, down and absent alerts exist, each severity."""
     severities = {
         (rule["alert"], rule["labels"]["severity"])
         for rule in _alerts(_prometheusrule()["spec"]["groups"])
@@ -278,6 +279,7 @@ def test_the_required_alerts_exist_with_their_severities() -> None:
         ("ImsCertificateExpiringSoon", "critical"),
         ("ImsTokenRefresherDown", "warning"),
         ("ImsTokenRefresherAbsent", "warning"),
+        ("ImsNodeClockSkewed", "warning"),
     } <= severities
 
 
@@ -416,6 +418,7 @@ def _healthy(pod: str = "p", **overrides: str) -> list[dict[str, str]]:
         "refresher_token_valid": "1x60",
         "refresher_consecutive_failures": "0x60",
         "refresher_certificate_expiry_timestamp_seconds": "31536000x60",
+        "refresher_clock_skew_seconds": "0x60",
     } | overrides
     series = [_series(metric, v, pod) for metric, v in values.items()]
     for sink in ("file", "secret"):
@@ -439,6 +442,7 @@ _ALL = (
     "ImsTokenPublishFailing",
     "ImsTokenOnRefreshHookFailing",
     "ImsCertificateExpiringSoon",
+    "ImsNodeClockSkewed",
     "ImsTokenRefresherDown",
     "ImsTokenRefresherAbsent",
 )
@@ -538,6 +542,30 @@ PROMTOOL_CASES: list[tuple[str, list[dict[str, str]], str, dict[str, list[dict[s
         ],
         "10m",
         {"ImsTokenOnRefreshHookFailing": [_firing("warning")]},
+    ),
+    (
+        "a pod clock 10 minutes behind IMS for 15 minutes fires ImsNodeClockSkewed only",
+        _healthy(refresher_clock_skew_seconds="0 0 600x60"),
+        "20m",
+        {"ImsNodeClockSkewed": [_firing("warning")]},
+    ),
+    (
+        "a pod clock 45 s ahead of IMS fires ImsNodeClockSkewed too (the sign does not matter)",
+        _healthy(refresher_clock_skew_seconds="-45x60"),
+        "20m",
+        {"ImsNodeClockSkewed": [_firing("warning")]},
+    ),
+    (
+        "a skew measured only 10 minutes ago does not fire yet",
+        _healthy(refresher_clock_skew_seconds="0x10 600x60"),
+        "20m",
+        {},
+    ),
+    (
+        "a skew of 30 s or less fires nothing",
+        _healthy(refresher_clock_skew_seconds="30x60"),
+        "20m",
+        {},
     ),
     (
         "a target down for 10 minutes fires ImsTokenRefresherDown",
@@ -733,6 +761,7 @@ def test_dashboard_panels_are_well_formed() -> None:
         ("certificate days left", r"refresher_certificate_expiry_timestamp_seconds.*/ 86400"),
         ("sink write errors", r'refresher_sink_write_total\{result="error"'),
         ("consecutive failures", r"refresher_consecutive_failures"),
+        ("IMS clock skew per pod", r"^refresher_clock_skew_seconds\{"),
     ],
 )
 def test_dashboard_shows(shows: str, pattern: str) -> None:
