@@ -344,6 +344,8 @@ class Service:
         try:
             credentials = self._load()
         except CredentialsError as exc:
+            if self.stopping:  # the settle moment was cut short: no verdict
+                raise Stopped("stopped before a token was obtained") from None
             self._count_failure(exc, retryable=isinstance(exc, CredentialsNotReady))
             raise
         if allow_adopt and not changed:
@@ -355,6 +357,8 @@ class Service:
             token = self.client.exchange(credentials, self.clock.now)
             self.health.heartbeat()  # an exchange may take its whole read timeout
         except ExchangeError as exc:
+            if self.stopping:  # shutdown cancels an exchange in flight: not IMS's failure
+                raise Stopped("stopped before a token was obtained") from None
             self._count_failure(exc, retryable=exc.retryable)
             raise
         finally:
