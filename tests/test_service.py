@@ -360,6 +360,6 @@ def test_a_stable_truncated_file_is_broken_in_once(tmp_path: Path, oauth_file: P
     started = clock.monotonic()
     with pytest.raises(CredentialsError) as info:
         service.once()
-    assert info.value.exit_code == 2 and "broken" in str(info.value)
+    assert info.value.exit_code == 2 and "so broken, not half-written" in str(info.value)
     assert clock.monotonic() - started <= 2
     assert not ims.calls
