@@ -483,17 +483,7 @@ def _run_loop(
 
     worker = threading.Thread(target=target, name="refresh-loop", daemon=True)
     worker.start()
-    # No polling: the main thread sleeps until the loop ends or a signal handler (which
-    # runs in this thread, interrupting the wait) sets the event. Idle costs nothing.
-    backstop = service.settings.schedule.retry_timeout_s + 2 * _JOIN_GRACE_S if once else None
-    if not wake_main.wait(backstop) and not service.published:
-        log.error("--retry-timeout passed without a published token: stopping")
-        service.stop()
-    wake_main.wait()
-    if service.stopping:
-        worker.join(_JOIN_GRACE_S)
-        if not service.publish_lock.acquire(timeout=_PUBLISH_GRACE_S):
-            log.warning("a publish is still in progress; exiting (each sink swaps atomically)")
+    _await_worker(service, worker, wake_main, once=once)
     if service.notifier is not None:
         service.notifier.close()  # a hung --on-refresh hook must not outlive us
     if isinstance(server, ProbeServer):
@@ -510,3 +500,24 @@ def _run_loop(
         log.critical("refresh loop crashed: %s", type(result).__name__, exc_info=result)
         return EXIT_RUNTIME
     return result
+
+
+def _await_worker(
+    service: object, worker: threading.Thread, wake_main: threading.Event, *, once: bool
+) -> None:
+    """Wait until the worker ends, or a signal (or `once`'s backstop) stops the service;
+    then give the worker ~1 s and a publish in progress a little more."""
+    from refresher.service import Service  # noqa: PLC0415
+
+    assert isinstance(service, Service)  # noqa: S101
+    # No polling: the main thread sleeps until the loop ends or a signal handler (which
+    # runs in this thread, interrupting the wait) sets the event. Idle costs nothing.
+    backstop = service.settings.schedule.retry_timeout_s + 2 * _JOIN_GRACE_S if once else None
+    if not wake_main.wait(backstop) and not service.published:
+        log.error("--retry-timeout passed without a published token: stopping")
+        service.stop()
+    wake_main.wait()
+    if service.stopping:
+        worker.join(_JOIN_GRACE_S)
+        if not service.publish_lock.acquire(timeout=_PUBLISH_GRACE_S):
+            log.warning("a publish is still in progress; exiting (each sink swaps atomically)")
