@@ -9,7 +9,7 @@ and a delay is never negative (a negative interval is a hot loop against IMS).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from refresher.token import AccessToken
 
@@ -37,10 +37,10 @@ def earliest_refresh_at(token: AccessToken, policy: RefreshPolicy) -> datetime:
 
 
 def adoptable(token: AccessToken, policy: RefreshPolicy, now: datetime) -> bool:
-    """A published token is adopted, not re-minted, while no replica would refresh it yet."""
-    return token.issued_at <= now + timedelta(minutes=5) and now < earliest_refresh_at(
-        token, policy
-    )
+    """A published token is adopted, not re-minted, while no replica would refresh it yet,
+    and only if IMS could have issued it as recorded (`AccessToken.is_plausible`, the one
+    adoption rule: a year-9999 expiry would otherwise be "not yet due" forever)."""
+    return token.is_plausible(now) and now < earliest_refresh_at(token, policy)
 
 
 def delay_until(instant: datetime, now: datetime) -> float:

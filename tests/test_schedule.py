@@ -103,3 +103,11 @@ def test_policy_rejects_nonsense() -> None:
     """A ratio outside (0, 1) is refused rather than scheduling past expiry."""
     with pytest.raises(ValueError, match="refresh_ratio"):
         RefreshPolicy(1.5, 0.1)
+
+
+def test_implausible_tokens_are_not_adoptable() -> None:
+    """Issued more than a few seconds ahead, or living longer than IMS grants (a year-9999
+    expiry), is never adopted, however far its refresh seems."""
+    assert not adoptable(token(3600, issued=T0 + timedelta(seconds=30)), RefreshPolicy(), T0)
+    assert not adoptable(token(49 * 3600), RefreshPolicy(), T0 + timedelta(hours=1))
+    assert adoptable(token(24 * 3600, issued=T0 + timedelta(seconds=2)), RefreshPolicy(), T0)
