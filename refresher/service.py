@@ -239,7 +239,7 @@ class Service:
             except PublishError as exc:
                 log.warning("cannot read the %s sink at start: %s", sink.name, exc)
                 continue
-            if token is None or not self._matches(token, credentials) or not token.is_valid(now):
+            if token is None or not self._usable(token, credentials, now):
                 continue
             if best is None or token.expires_at > best[0].expires_at:
                 best = (token, sink)
@@ -264,6 +264,11 @@ class Service:
             extra={"expires_at": rfc3339(token.expires_at)},
         )
         return fresh
+
+    def _usable(self, token: AccessToken, credentials: Credentials, now: datetime) -> bool:
+        """A held token we may stand behind: ours, still valid, and plausible (sinks check
+        plausibility too; a sink that forgot must not make a forged expiry current)."""
+        return self._matches(token, credentials) and token.is_valid(now) and token.is_plausible(now)
 
     def _matches(self, token: AccessToken, credentials: Credentials) -> bool:
         return token.client_id == credentials.client_id and token.ims_endpoint == (

@@ -363,3 +363,41 @@ def test_a_stable_truncated_file_is_broken_in_once(tmp_path: Path, oauth_file: P
     assert info.value.exit_code == 2 and "so broken, not half-written" in str(info.value)
     assert clock.monotonic() - started <= 2
     assert not ims.calls
+
+
+class PlantedSink(FailingSink):
+    """A sink that holds whatever token was planted in it (no plausibility check of its own)."""
+
+    def __init__(self, planted: AccessToken) -> None:
+        super().__init__(failures=0)
+        self.published.append(planted)
+
+
+def test_a_forged_year_9999_token_in_a_sink_is_never_made_current(
+    tmp_path: Path, oauth_file: Path
+) -> None:
+    """Even from a sink that does not check plausibility, a year-9999 token is not taken as
+    current: with IMS down the refresher is not ready (it would be "ready forever")."""
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 3600)
+    ims.fail_always = ExchangeError("IMS down", retryable=True, status=503)
+    forged = AccessToken(
+        value="forged-" + "f" * 20,
+        issued_at=clock.now() - timedelta(minutes=1),
+        expires_at=clock.now().replace(year=9999),
+        flow="oauth",
+        client_id="client-1",
+        ims_endpoint="https://ims.example",
+    )
+    planted = PlantedSink(forged)
+    service, _, metrics, health, sleeper = make_service(
+        tmp_path, oauth_file, clock, ims, extra_sinks=[planted], file_sink=False
+    )
+    stop_after(service, clock, sleeper, 600)
+    assert service.run() == 0
+    assert ims.calls  # it tried to mint
+    assert not health.readiness().ok
+    assert metrics.registry.get_sample_value("refresher_token_expiry_timestamp_seconds") in (
+        None,
+        0.0,
+    )
