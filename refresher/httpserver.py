@@ -20,9 +20,13 @@ kept-alive connection; a body is refused (413) unless allowed, and is capped and
 deadlined; an idle kept-alive connection is dropped after `idle_timeout_s`, a client not
 reading its answer after `send_timeout_s`. At `max_connections` a new connection evicts the
 one quiet longest, so a crowd cannot lock a probe out. A connection's memory is its head
-buffer plus its body, both capped. A refused client gets its answer, then its further input
-is read and thrown away (up to `linger_s` and `linger_bytes`) before the close, so that the
-answer is not lost to a reset.
+buffer plus its body, both capped, and bodies in flight together are held to
+`max_bodies_bytes` (the oldest is dropped to make room), so memory is bounded whatever every
+client does at once. Requests pipelined in one packet are answered one per turn of the loop,
+as if each connection sent one at a time; at the descriptor limit, the quietest connection
+makes room only for a connection that really waits. A refused client gets its answer, then
+its further input is read and thrown away (up to `linger_s` and `linger_bytes`) before the
+close, so that the answer is not lost to a reset.
 
 Each answer is written in one send (status line, headers and body) on a TCP_NODELAY
 socket: split over two writes, a small answer would wait ~40 ms on a delayed ACK. Not
@@ -36,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import select
 import selectors
 import socket
 import ssl
@@ -63,6 +68,10 @@ __all__ = ["SERVER", "HttpServer", "Limits", "Request", "Response"]
 log = logging.getLogger(__name__)
 
 _ACCEPT_BATCH = 64  # accepts per wake-up, so a connect storm cannot starve the others
+# Requests answered per connection per turn: a client pipelining hundreds of requests in
+# one packet gets one answer per round of the loop, like a client that sends them one by
+# one; its other requests wait their turn, so it cannot hold every other client back.
+_ANSWERS_PER_TURN = 1
 _LOG_EVERY_S = 10.0  # one line per kind of trouble at most this often: clients cannot flood logs
 _DEFAULT_LIMITS = Limits()
 _FAILURE = Response(500, b'{"error": "500 Internal Server Error"}\n', "application/json")
@@ -74,10 +83,12 @@ _HANDSHAKE, _HEAD, _BODY, _LINGER = "handshake", "head", "body", "linger"
 
 class _Conn:
     __slots__ = (
+        "body",
         "buf",
         "close_after",
         "drained",
         "events",
+        "filled",
         "head",
         "out",
         "peer",
@@ -89,7 +100,9 @@ class _Conn:
     def __init__(self, sock: socket.socket, peer: str, tls: bool) -> None:
         self.sock = sock
         self.peer = peer
-        self.buf = bytearray()
+        self.buf = bytearray()  # head bytes (and what follows them) not yet parsed
+        self.body = bytearray()  # sized to the announced length; `filled` bytes received
+        self.filled = 0
         self.state = _HANDSHAKE if tls else _HEAD
         self.timer = ""  # the kind of deadline armed, a key of HttpServer._timers
         self.events = selectors.EVENT_READ
@@ -131,12 +144,17 @@ class HttpServer:
             listener.close()
             raise
         self._listener = listener
+        self._port = int(listener.getsockname()[1])
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(listener, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._conns: OrderedDict[_Conn, None] = OrderedDict()  # least recently active first
+        # Connections holding complete requests not answered yet (their turn comes next).
+        self._backlog: OrderedDict[_Conn, None] = OrderedDict()
+        self._body_bytes = 0  # bodies in flight: sum of their announced lengths
+        self._body_budget = max(limits.max_bodies_bytes, limits.max_body_bytes)
         self._durations = {
             "head": limits.head_timeout_s,
             "body": limits.body_timeout_s,
@@ -158,7 +176,7 @@ class HttpServer:
 
     @property
     def port(self) -> int:
-        return int(self._listener.getsockname()[1])
+        return self._port
 
     @property
     def stats(self) -> dict[str, int]:
@@ -184,7 +202,9 @@ class HttpServer:
         try:
             while not self._stopping:
                 # No deadline pending: sleep until a connection arrives (idle costs no wake-ups).
-                for key, _ in self._selector.select(self._next_timeout()):
+                turns = list(self._backlog)
+                timeout = 0.0 if turns else self._next_timeout()
+                for key, _ in self._selector.select(timeout):
                     if key.data is not None:
                         self._dispatch(key.data)
                     elif key.fileobj is self._listener:
@@ -192,6 +212,9 @@ class HttpServer:
                     else:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(64)
+                for conn in turns:  # unless served by an event above
+                    if conn in self._backlog:
+                        self._dispatch(conn)
                 self._expire(time.monotonic())
         except Exception as exc:
             # A bug, not a client: the port closes and the liveness probe fails, visibly.
@@ -221,6 +244,10 @@ class HttpServer:
                     self._read_pending(conn)
             elif conn.state == _LINGER:
                 self._drain(conn)
+            elif conn in self._backlog:  # its next buffered request, before reading more
+                del self._backlog[conn]
+                self._advance(conn)
+                self._read_pending(conn)
             else:
                 self._read(conn)
         except Exception as exc:  # noqa: BLE001 - one broken connection never stops the server
@@ -263,6 +290,8 @@ class HttpServer:
     def _close(self, conn: _Conn) -> None:
         if self._conns.pop(conn, False) is not False:
             self._arm(conn, "")
+            self._backlog.pop(conn, None)
+            self._drop_body(conn)
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._selector.unregister(conn.sock)
             conn.sock.close()
@@ -292,6 +321,10 @@ class HttpServer:
     def _out_of_descriptors(self, exc: OSError) -> None:
         if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
             return  # a connection reset before it was accepted: nothing to do
+        if not self._connection_waiting():
+            # Linux takes the descriptor before it looks for a connection: with the last one
+            # just used, the next accept fails although nobody waits. Nothing to make room for.
+            return
         self._log(logging.WARNING, "out of file descriptors: dropping the quietest connection")
         if self._conns:
             self._counts["evicted"] += 1
@@ -299,6 +332,12 @@ class HttpServer:
         else:  # nothing to give back: stop accepting for a moment rather than spin
             self._selector.unregister(self._listener)
             self._paused_until = time.monotonic() + 0.5
+
+    def _connection_waiting(self) -> bool:
+        """Whether a connection waits in the backlog (poll needs no descriptor of its own)."""
+        poller = select.poll()
+        poller.register(self._listener, select.POLLIN)
+        return bool(poller.poll(0))
 
     def _adopt(
         self, sock: socket.socket, address: tuple[str, int] | tuple[str, int, int, int]
@@ -343,13 +382,8 @@ class HttpServer:
 
     def _read(self, conn: _Conn) -> None:
         while True:
-            if conn.state == _BODY:
-                assert conn.head is not None  # noqa: S101
-                size = conn.head.length - len(conn.buf)
-            else:
-                size = self._limits.max_head_bytes + 1 - len(conn.buf)
             try:
-                data = conn.sock.recv(min(max(size, 1), 65536))
+                count = self._receive(conn)
             except (BlockingIOError, ssl.SSLWantReadError):
                 self._want(conn, selectors.EVENT_READ)
                 return
@@ -359,21 +393,34 @@ class HttpServer:
             except OSError:
                 self._close(conn)
                 return
-            if not data:  # the client is gone (or half-closed with nothing pending for us)
+            if not count:  # the client is gone (or half-closed with nothing pending for us)
                 self._close(conn)
                 return
             if conn.state == _HEAD and conn.timer == "idle":
                 self._arm(conn, "head")  # a new request on a kept-alive connection
-            conn.buf += data
             self._advance(conn)
             if not self._has_pending(conn):
                 return
+
+    def _receive(self, conn: _Conn) -> int:
+        """One read into the body (straight into its buffer) or the head buffer; 0 at EOF."""
+        if conn.state == _BODY:
+            with memoryview(conn.body) as view:
+                count = conn.sock.recv_into(view[conn.filled :])
+            conn.filled += count
+            return count
+        size = self._limits.max_head_bytes + 1 - len(conn.buf)
+        data = conn.sock.recv(min(max(size, 1), 65536))
+        conn.buf += data
+        return len(data)
 
     def _has_pending(self, conn: _Conn) -> bool:
         """TLS may hold decrypted bytes the selector cannot see, to be read now."""
         sock = conn.sock
         if conn not in self._conns or conn.out or conn.state not in (_HEAD, _BODY):
             return False
+        if conn in self._backlog:
+            return False  # read on its next turn
         return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
     def _read_pending(self, conn: _Conn) -> None:
@@ -381,15 +428,20 @@ class HttpServer:
             self._read(conn)
 
     def _advance(self, conn: _Conn) -> None:
-        """Parse and answer whatever complete requests the buffer holds."""
+        """Parse and answer the complete requests the buffer holds, `_ANSWERS_PER_TURN` of
+        them; the connection then goes to the backlog if it has more bytes buffered."""
+        answered = 0
         while conn in self._conns and not conn.out:
+            if answered == _ANSWERS_PER_TURN:
+                if conn.buf:
+                    self._backlog[conn] = None
+                return
             if conn.state == _HEAD:
                 head = self._take_head(conn)
                 if head is None:
                     return
                 if head.length:
-                    conn.head, conn.state = head, _BODY
-                    self._arm(conn, "body")
+                    self._start_body(conn, head)
                     if head.headers.get("expect", "").lower() == "100-continue":
                         conn.out = CONTINUE
                         if not self._flush(conn):
@@ -399,16 +451,46 @@ class HttpServer:
             elif conn.state == _BODY:
                 assert conn.head is not None  # noqa: S101
                 head = conn.head
-                if len(conn.buf) < head.length:
+                if conn.filled < head.length:
                     return
-                body = bytes(conn.buf[: head.length])
-                del conn.buf[: head.length]
+                body = bytes(conn.body)
+                self._drop_body(conn)
                 conn.head, conn.state = None, _HEAD
                 self._answer(conn, head, body)
             else:
                 return
+            answered += 1
             if not self._flush(conn):
                 return
+
+    def _start_body(self, conn: _Conn, head: Head) -> None:
+        """Reserve the announced length and take whatever of the body came with the head.
+        A body that came whole (a typical review) is answered at once and needs no room."""
+        if len(conn.buf) < head.length:
+            self._make_room(head.length)
+        conn.head, conn.state = head, _BODY
+        # Allocated once at the announced length: no over-allocation as it grows, no copy.
+        conn.body = bytearray(head.length)
+        conn.filled = min(len(conn.buf), head.length)
+        conn.body[: conn.filled] = conn.buf[: conn.filled]
+        del conn.buf[: conn.filled]
+        self._body_bytes += head.length
+        self._arm(conn, "body")
+
+    def _make_room(self, length: int) -> None:
+        """Drop bodies in flight, those that started first first (a real client sends its
+        body at once; a trickler is still at it), until `length` more fits the budget."""
+        for other in list(self._timers["body"]):  # in the order the bodies started
+            if self._body_bytes + length <= self._body_budget:
+                return
+            if other.state == _BODY:
+                self._counts["evicted"] += 1
+                self._log(logging.WARNING, "bodies in flight over budget: dropping the oldest")
+                self._close(other)
+
+    def _drop_body(self, conn: _Conn) -> None:
+        self._body_bytes -= len(conn.body)
+        conn.body, conn.filled = bytearray(), 0
 
     def _take_head(self, conn: _Conn) -> Head | None:
         """The next complete head from the buffer, or None (waiting, or refused)."""

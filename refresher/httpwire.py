@@ -58,6 +58,10 @@ class Limits:
     head_timeout_s: float = 5.0  # whole request head must arrive within this
     body_timeout_s: float = 10.0
     max_body_bytes: int = 0  # 0: requests with a body are refused (413)
+    # Bodies in flight on all connections together (their announced lengths; never below
+    # max_body_bytes): a new one over it drops the body in flight that was quiet longest,
+    # so max_connections clients trickling bodies cannot take max_connections x the cap.
+    max_bodies_bytes: int = 32 << 20
     max_connections: int = 512
     idle_timeout_s: float = 5.0  # keep-alive idle
     max_headers: int = 100  # header fields per request; over it: 431
@@ -105,8 +109,9 @@ def head_length(buf: bytearray, limit: int) -> int:
 
 def parse_head(raw: bytes, limits: Limits, methods: frozenset[str]) -> Head:
     """The request line and headers of `raw` (a complete head); raises Refusal."""
-    lines = raw.decode("latin-1").split("\n")
-    parts = lines[0].rstrip("\r").split(" ")
+    # One CR may end a line; any other (a bare CR, RFC 9112, 2.2) fails the checks below.
+    lines = [line.removesuffix("\r") for line in raw.decode("latin-1").split("\n")]
+    parts = lines[0].split(" ")
     if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]):
         raise Refusal(400)
     method, target, version = parts
@@ -114,8 +119,7 @@ def parse_head(raw: bytes, limits: Limits, methods: frozenset[str]) -> Head:
         raise Refusal(505 if _VERSION.fullmatch(version) else 400)
     if not _TARGET.fullmatch(target):
         raise Refusal(400)
-    fields = [line.rstrip("\r") for line in lines[1:]]
-    headers = _parse_headers([f for f in fields if f], limits.max_headers)
+    headers = _parse_headers([f for f in lines[1:] if f], limits.max_headers)
     if method not in methods:
         # Unknown to HTTP: 501; known but not served here: 405 with what is.
         allow = (("Allow", ", ".join(sorted(methods))),)
