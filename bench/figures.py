@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -224,6 +225,9 @@ def long(lab: Lab, plan: Plan, results: Results) -> None:
     figures = {
         "last_cpu_ms": last["cpu_ms"],
         "cpu_growth": last["cpu_ms"] / first["cpu_ms"],
+        # Less sensitive to one noisy window: the last three against the 2nd to 4th.
+        "cpu_trend": statistics.median(w["cpu_ms"] for w in windows[-3:])
+        / statistics.median(w["cpu_ms"] for w in windows[1:4]),
         "rss_mib": last["rss_mib"],
         "rss_growth_mib": last["rss_mib"] - first["rss_mib"],
     }

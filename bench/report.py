@@ -110,6 +110,8 @@ FIGURES = [
       "ms", 2, None, 7.95),
     F("long_cpu_growth", "back-to-back cycles: last window / first window", "long",
       "cpu_growth", "run", "x", 2, at_most(1.1, "x"), 1.13),
+    F("long_cpu_trend", "back-to-back cycles: median of the last 3 windows / of the 2nd-4th",
+      "long", "cpu_trend", "run", "x", 2),
     F("long_rss_growth", "back-to-back cycles: RSS growth after the first window", "long",
       "rss_growth_mib", "run", "MiB", 1, at_most(1.0, "MiB"), 0.6),
     F("imports_once", "`once`: modules imported", "imports", "modules", "once", "", 0, None,

@@ -20,6 +20,9 @@ Environment (each also a flag):
   BENCH_OUT=FILE  --out: where the document goes; by default only a full run of every
                   section on this tree (or --rev) writes docs/benchmarks.md
   BENCH_KEEP=1    --keep the scratch directory, with every process's logs
+The data of the document is saved beside it (bench/results.json for docs/benchmarks.md,
+FILE.json for --out FILE.md); `--render` writes the document again from it, without
+measuring, after a change to bench/benchmarks.md.in or bench/savings.toml.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import time
 import types
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,7 @@ from measuring import MIB, Workspace, loadavg
 from subjects import NODE_DIR, ROOT, Emulator, Lab, compile_sources, floor, refresher
 
 DOC = ROOT / "docs" / "benchmarks.md"
+RESULTS = ROOT / "bench" / "results.json"  # the data of DOC, for --render
 PYTHON_DISTS = (
     "ims-token-refresher",
     "requests",
@@ -66,6 +71,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rev", default=env("BENCH_REV"), help="git revision of refresher/")
     parser.add_argument("--out", default=env("BENCH_OUT"), help="write the document here")
     parser.add_argument("--keep", action="store_true", default=env("BENCH_KEEP") == "1")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="no measuring: write the document again from bench/results.json (the last full "
+        "run), after a change to bench/benchmarks.md.in or bench/savings.toml",
+    )
     args = parser.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(figures.SECTIONS)
@@ -176,16 +187,10 @@ def _command_line(args: argparse.Namespace) -> str:
     return " ".join([*knobs, shlex.join(["python", "bench/run.py", *sys.argv[1:]])])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
-    plan = figures.Plan.quick() if args.quick else figures.Plan()
+def measure(args: argparse.Namespace, plan: figures.Plan) -> tuple[figures.Results, dict[str, str]]:
+    """Run the sections asked for; the results, and what the document says of the run."""
     src = Path(args.src).resolve() if args.src else None
-    full = not args.quick and not args.only and src is None
-    if args.rev and src is not None:
-        raise SystemExit("bench: --src and --rev exclude each other")
-    out = Path(args.out) if args.out else (DOC if full else None)
     sections = args.only or list(figures.SECTIONS)
-
     started, load_start = time.monotonic(), loadavg()
     space = Workspace(src=src, keep=args.keep, node_path=NODE_DIR / "node_modules")
     revision = _revision(src) + (f", from {src}" if src else "")
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     load_end = loadavg()
     # The load before the first process starts is other work's; later, it is partly ours.
     busy = max(float(x) for x in load_start.split()[:2]) > 0.5
-    meta = {
+    return results, {
         "mode": "quick (`--quick`: every subject briefly; not for comparison)"
         if args.quick
         else "full",
@@ -232,11 +237,32 @@ def main(argv: list[str] | None = None) -> int:
         "commands": commands,
         "notes": "".join(f"\n{k.capitalize()}: {v}\n" for k, v in lab.notes.items()),
     }
-    document = report.render(results, meta, plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if args.src and args.rev:
+        raise SystemExit("bench: --src and --rev exclude each other")
+    full = not args.quick and not args.only and not args.src
+    out = Path(args.out) if args.out else (DOC if full or args.render else None)
+    # The data beside the document: a later --render needs no measuring.
+    data_path = None if out is None else RESULTS if out == DOC else out.with_suffix(".json")
+    if args.render:
+        if data_path is None or not data_path.exists():
+            raise SystemExit(f"bench: no saved results at {data_path}")
+        saved = json.loads(data_path.read_text(encoding="utf-8"))
+        plan = figures.Plan(**saved["plan"])
+        results, meta = figures.Results(**saved["results"]), saved["meta"]
+    else:
+        plan = figures.Plan.quick() if args.quick else figures.Plan()
+        results, meta = measure(args, plan)
+        if data_path is not None:
+            data = {"plan": asdict(plan), "meta": meta, "results": asdict(results)}
+            data_path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     print()
     print(report.table(report.rows(results)))
     if out is not None:
-        out.write_text(document, encoding="utf-8")
+        out.write_text(report.render(results, meta, plan), encoding="utf-8")
         print(f"\nwrote {out}")
     return 0
 
