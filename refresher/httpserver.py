@@ -18,13 +18,15 @@ the request line alone is too long) and in header count, and must arrive within
 `head_timeout_s` of the connection (TLS handshake included) or of its first byte on a
 kept-alive connection; a body is refused (413) unless allowed, and is capped and
 deadlined; an idle kept-alive connection is dropped after `idle_timeout_s`, a client not
-reading its answer after `send_timeout_s`. At `max_connections` a new connection evicts the
-one quiet longest, so a crowd cannot lock a probe out. A connection's memory is its head
-buffer plus its body, both capped, and bodies in flight together are held to
-`max_bodies_bytes` (the oldest is dropped to make room), so memory is bounded whatever every
-client does at once. Requests pipelined in one packet are answered one per turn of the loop,
-as if each connection sent one at a time; at the descriptor limit, the quietest connection
-makes room only for a connection that really waits. A refused client gets its answer, then
+reading its answer after `send_timeout_s`. At `max_connections` a new connection evicts a
+refused one still draining, else the one quiet longest, so a crowd cannot lock a probe out.
+A connection's memory is its head buffer plus its body, both capped; bodies over 64 KiB in
+flight together are held to `max_bodies_bytes`: one that does not fit makes room by
+dropping bodies stalled for a second, or is refused (503). So memory is bounded whatever
+every client does at once, and a crowd of big bodies cannot turn a small one away.
+Requests pipelined in one packet are answered one per turn of the loop, as if each
+connection sent one at a time. At the descriptor limit, the quietest connection makes room
+only for a connection that really waits. A refused client gets its answer, then
 its further input is read and thrown away (up to `linger_s` and `linger_bytes`) before the
 close, so that the answer is not lost to a reset.
 
@@ -72,6 +74,12 @@ _ACCEPT_BATCH = 64  # accepts per wake-up, so a connect storm cannot starve the 
 # one packet gets one answer per round of the loop, like a client that sends them one by
 # one; its other requests wait their turn, so it cannot hold every other client back.
 _ANSWERS_PER_TURN = 1
+# Bodies up to this size are never held to `max_bodies_bytes` (a typical admission review
+# is a few KiB: a crowd of big bodies must not turn it away); bigger ones share the budget.
+_SMALL_BODY_BYTES = 64 << 10
+# A body that received nothing for this long may be dropped to make room for another: a
+# real client sends its body without pauses, so only stalled ones make room.
+_BODY_STALL_S = 1.0
 _LOG_EVERY_S = 10.0  # one line per kind of trouble at most this often: clients cannot flood logs
 _DEFAULT_LIMITS = Limits()
 _FAILURE = Response(500, b'{"error": "500 Internal Server Error"}\n', "application/json")
@@ -92,6 +100,8 @@ class _Conn:
         "head",
         "out",
         "peer",
+        "received_at",
+        "reserved",
         "sock",
         "state",
         "timer",
@@ -103,6 +113,8 @@ class _Conn:
         self.buf = bytearray()  # head bytes (and what follows them) not yet parsed
         self.body = bytearray()  # sized to the announced length; `filled` bytes received
         self.filled = 0
+        self.received_at = 0.0  # when the body last received bytes (monotonic)
+        self.reserved = 0  # its share of HttpServer._body_bytes
         self.state = _HANDSHAKE if tls else _HEAD
         self.timer = ""  # the kind of deadline armed, a key of HttpServer._timers
         self.events = selectors.EVENT_READ
@@ -311,12 +323,18 @@ class HttpServer:
                 return
             if len(self._conns) >= self._limits.max_connections:
                 self._counts["evicted"] += 1
-                self._close(next(iter(self._conns)))
+                self._close(self._victim())
             self._counts["accepted"] += 1
             try:
                 self._adopt(sock, address)
             except OSError:  # reset between accept and setup
                 sock.close()
+
+    def _victim(self) -> _Conn:
+        """The connection to close for a new one: a refused one still draining its input
+        (it has its answer), else the one quiet longest."""
+        lingering = self._timers["linger"]
+        return next(iter(lingering)) if lingering else next(iter(self._conns))
 
     def _out_of_descriptors(self, exc: OSError) -> None:
         if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -328,7 +346,7 @@ class HttpServer:
         self._log(logging.WARNING, "out of file descriptors: dropping the quietest connection")
         if self._conns:
             self._counts["evicted"] += 1
-            self._close(next(iter(self._conns)))
+            self._close(self._victim())
         else:  # nothing to give back: stop accepting for a moment rather than spin
             self._selector.unregister(self._listener)
             self._paused_until = time.monotonic() + 0.5
@@ -408,6 +426,7 @@ class HttpServer:
             with memoryview(conn.body) as view:
                 count = conn.sock.recv_into(view[conn.filled :])
             conn.filled += count
+            conn.received_at = time.monotonic()
             return count
         size = self._limits.max_head_bytes + 1 - len(conn.buf)
         data = conn.sock.recv(min(max(size, 1), 65536))
@@ -441,7 +460,8 @@ class HttpServer:
                 if head is None:
                     return
                 if head.length:
-                    self._start_body(conn, head)
+                    if not self._start_body(conn, head):
+                        return
                     if head.headers.get("expect", "").lower() == "100-continue":
                         conn.out = CONTINUE
                         if not self._flush(conn):
@@ -463,34 +483,42 @@ class HttpServer:
             if not self._flush(conn):
                 return
 
-    def _start_body(self, conn: _Conn, head: Head) -> None:
-        """Reserve the announced length and take whatever of the body came with the head.
-        A body that came whole (a typical review) is answered at once and needs no room."""
-        if len(conn.buf) < head.length:
-            self._make_room(head.length)
+    def _start_body(self, conn: _Conn, head: Head) -> bool:
+        """Reserve the announced length and take what of the body came with the head; False
+        when refused (503: the budget is held by bodies that are still arriving)."""
+        small = head.length <= _SMALL_BODY_BYTES or len(conn.buf) >= head.length
+        if not small and not self._make_room(head.length):
+            self._refuse(conn, Refusal(503, (("Retry-After", "1"),)))
+            return False
         conn.head, conn.state = head, _BODY
         # Allocated once at the announced length: no over-allocation as it grows, no copy.
         conn.body = bytearray(head.length)
         conn.filled = min(len(conn.buf), head.length)
         conn.body[: conn.filled] = conn.buf[: conn.filled]
         del conn.buf[: conn.filled]
-        self._body_bytes += head.length
+        conn.received_at = time.monotonic()
+        conn.reserved = 0 if small else head.length
+        self._body_bytes += conn.reserved
         self._arm(conn, "body")
+        return True
 
-    def _make_room(self, length: int) -> None:
-        """Drop bodies in flight, those that started first first (a real client sends its
-        body at once; a trickler is still at it), until `length` more fits the budget."""
-        for other in list(self._timers["body"]):  # in the order the bodies started
+    def _make_room(self, length: int) -> bool:
+        """Whether `length` more fits the budget once bodies stalled for `_BODY_STALL_S`
+        are dropped, quiet longest first. Dropping busy ones instead would let a crowd
+        starting bodies in turn drop every real one, and churn connections."""
+        stalled = time.monotonic() - _BODY_STALL_S
+        for other in list(self._conns):  # least recently active first
             if self._body_bytes + length <= self._body_budget:
-                return
-            if other.state == _BODY:
+                return True
+            if other.reserved and other.received_at <= stalled:
                 self._counts["evicted"] += 1
-                self._log(logging.WARNING, "bodies in flight over budget: dropping the oldest")
+                self._log(logging.WARNING, "bodies in flight over budget: dropping a stalled one")
                 self._close(other)
+        return self._body_bytes + length <= self._body_budget
 
     def _drop_body(self, conn: _Conn) -> None:
-        self._body_bytes -= len(conn.body)
-        conn.body, conn.filled = bytearray(), 0
+        self._body_bytes -= conn.reserved
+        conn.body, conn.filled, conn.reserved = bytearray(), 0, 0
 
     def _take_head(self, conn: _Conn) -> Head | None:
         """The next complete head from the buffer, or None (waiting, or refused)."""

@@ -58,9 +58,9 @@ class Limits:
     head_timeout_s: float = 5.0  # whole request head must arrive within this
     body_timeout_s: float = 10.0
     max_body_bytes: int = 0  # 0: requests with a body are refused (413)
-    # Bodies in flight on all connections together (their announced lengths; never below
-    # max_body_bytes): a new one over it drops the body in flight that was quiet longest,
-    # so max_connections clients trickling bodies cannot take max_connections x the cap.
+    # Bodies over 64 KiB in flight on all connections together (announced lengths; never
+    # below max_body_bytes), so max_connections clients trickling bodies cannot take
+    # max_connections x the cap; over it, stalled bodies make room or the new one gets 503.
     max_bodies_bytes: int = 32 << 20
     max_connections: int = 512
     idle_timeout_s: float = 5.0  # keep-alive idle

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from refresher.httpserver import HttpServer, Response
+from refresher.httpserver import HttpServer, Limits, Request, Response
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ CHART_VALUES = ROOT / "charts" / "ims-token-refresher" / "values.yaml"
 # server thread, about what a /metrics scrape costs.
 _CHILD = """
 import os, resource, sys, time
-from refresher.httpserver import HttpServer, Response
+from refresher.httpserver import HttpServer, Limits, Request, Response
 
 def handle(request):
     if request.path == "/costly":
@@ -396,6 +396,101 @@ def test_bodies_trickled_on_every_webhook_connection_stay_within_the_memory_limi
     # may be evicted before it is sent (the API server retries a reset connection).
     assert during.count(200) >= 3, during
     assert after == [200]
+
+
+def _echo_length(request: Request) -> Response:
+    return Response(200, b"%d\n" % len(request.body))
+
+
+@contextlib.contextmanager
+def _serving(limits: Limits) -> Iterator[HttpServer]:
+    httpd = HttpServer("127.0.0.1", 0, _echo_length, limits=limits, methods=_POST)
+    httpd.start()
+    try:
+        yield httpd
+    finally:
+        httpd.close()
+
+
+_POST = frozenset({"GET", "POST"})
+_BUDGET = Limits(max_body_bytes=1 << 20, max_bodies_bytes=1 << 20, body_timeout_s=10)
+
+
+def _post(port: int, length: int, sent: int | None = None) -> socket.socket:
+    """A POST announcing `length` bytes of body, of which `sent` (all by default) are sent."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % length)
+    sock.sendall(b"x" * (length if sent is None else sent))
+    return sock
+
+
+def test_a_big_body_over_the_budget_is_refused_while_others_arrive_but_a_small_one_is_not() -> None:
+    """With the bodies' budget held by a big body still arriving, a second big body is
+    refused 503 with Retry-After (before: accepted, so memory grew with every client); a
+    small one (a typical review) is still answered, and so is the first once complete."""
+    with _serving(_BUDGET) as httpd:
+        first = _post(httpd.port, 1 << 20, sent=200_000)
+        time.sleep(0.1)
+        with _post(httpd.port, 512 << 10) as second:
+            refused = _read_until_closed_bytes(second)
+        with _post(httpd.port, 10_000) as small:
+            small.shutdown(socket.SHUT_WR)
+            answered = _read_until_closed_bytes(small)
+        first.sendall(b"x" * ((1 << 20) - 200_000))
+        first.shutdown(socket.SHUT_WR)
+        completed = _read_until_closed_bytes(first)
+        first.close()
+    assert refused.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 1\r\n" in refused
+    assert answered.startswith(b"HTTP/1.1 200 ") and answered.endswith(b"\r\n\r\n10000\n")
+    assert completed.startswith(b"HTTP/1.1 200 ") and completed.endswith(b"\r\n1048576\n")
+
+
+def test_a_stalled_big_body_makes_room_for_a_new_one() -> None:
+    """A big body that received nothing for over a second is dropped when another needs
+    its room; the new one is answered."""
+    with _serving(_BUDGET) as httpd:
+        with _post(httpd.port, 1 << 20, sent=100_000) as stalled:
+            time.sleep(1.3)
+            with _post(httpd.port, 512 << 10) as fresh:
+                fresh.shutdown(socket.SHUT_WR)
+                answered = _read_until_closed_bytes(fresh)
+            dropped = _read_until_closed_bytes(stalled)
+    assert answered.startswith(b"HTTP/1.1 200 "), answered[:40]
+    assert dropped == b""  # closed without an answer
+    assert httpd.stats["evicted"] == 1
+
+
+def test_at_the_connection_cap_a_refused_client_goes_before_a_quiet_one() -> None:
+    """At the cap, a new connection closes a refused one still draining its input rather
+    than the quietest kept-alive client (before: the kept-alive client was closed)."""
+    limits = Limits(max_connections=3, linger_s=5.0, idle_timeout_s=10)
+    with _serving(limits) as httpd:
+        kept = socket.create_connection(("127.0.0.1", httpd.port), timeout=5)
+        kept.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert kept.recv(1000).startswith(b"HTTP/1.1 200 ")
+        time.sleep(0.1)
+        refused = socket.create_connection(("127.0.0.1", httpd.port), timeout=5)
+        refused.sendall(b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\n")  # 413 over 0
+        assert refused.recv(1000).startswith(b"HTTP/1.1 413 ")
+        with socket.create_connection(("127.0.0.1", httpd.port), timeout=5) as third:
+            time.sleep(0.1)
+            with socket.create_connection(("127.0.0.1", httpd.port), timeout=5) as fourth:
+                fourth.sendall(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+                assert _read_until_closed_bytes(fourth).startswith(b"HTTP/1.1 200 ")
+                kept.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                again = kept.recv(1000)
+            assert third.fileno() >= 0
+        kept.close()
+        refused.close()
+    assert again.startswith(b"HTTP/1.1 200 "), again
+
+
+def _read_until_closed_bytes(sock: socket.socket) -> bytes:
+    chunks = []
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # ---------------------------------------------------------------- smuggling shapes
