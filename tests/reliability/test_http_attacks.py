@@ -153,7 +153,7 @@ def test_pipelined_floods_cannot_starve_a_probe(
     stop = threading.Event()
 
     def flood() -> None:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=0.5) as sock:
             burst = b"GET /costly HTTP/1.1\r\n\r\n" * 300
             reader = threading.Thread(target=_read_until_closed, args=(sock,), daemon=True)
             reader.start()
@@ -413,7 +413,11 @@ def _serving(limits: Limits) -> Iterator[HttpServer]:
 
 
 _POST = frozenset({"GET", "POST"})
-_BUDGET = Limits(max_body_bytes=1 << 20, max_bodies_bytes=1 << 20, body_timeout_s=10)
+
+
+def _budget() -> Limits:
+    """Bodies up to 1 MiB, and 1 MiB of (big) bodies in flight at once."""
+    return Limits(max_body_bytes=1 << 20, max_bodies_bytes=1 << 20, body_timeout_s=10)
 
 
 def _post(port: int, length: int, sent: int | None = None) -> socket.socket:
@@ -428,7 +432,7 @@ def test_a_big_body_over_the_budget_is_refused_while_others_arrive_but_a_small_o
     """With the bodies' budget held by a big body still arriving, a second big body is
     refused 503 with Retry-After (before: accepted, so memory grew with every client); a
     small one (a typical review) is still answered, and so is the first once complete."""
-    with _serving(_BUDGET) as httpd:
+    with _serving(_budget()) as httpd:
         first = _post(httpd.port, 1 << 20, sent=200_000)
         time.sleep(0.1)
         with _post(httpd.port, 512 << 10) as second:
@@ -448,7 +452,7 @@ def test_a_big_body_over_the_budget_is_refused_while_others_arrive_but_a_small_o
 def test_a_stalled_big_body_makes_room_for_a_new_one() -> None:
     """A big body that received nothing for over a second is dropped when another needs
     its room; the new one is answered."""
-    with _serving(_BUDGET) as httpd:
+    with _serving(_budget()) as httpd:
         with _post(httpd.port, 1 << 20, sent=100_000) as stalled:
             time.sleep(1.3)
             with _post(httpd.port, 512 << 10) as fresh:
