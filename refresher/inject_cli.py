@@ -190,7 +190,7 @@ def _image(text: str | None) -> str:
 def inject_command(source: str, image: str, stdin: IO[str], stdout: IO[str]) -> int:
     from refresher.inject import inject_documents  # noqa: PLC0415
 
-    documents = load_documents(_read(source, stdin), "standard input" if source == "-" else source)
+    documents = load_documents(_read(source, stdin), _source_name(source))
     injected, report = inject_documents(documents, image=image)
     for hint in report.hints:
         print(f"refresher: warning: {hint}", file=sys.stderr)
@@ -199,22 +199,39 @@ def inject_command(source: str, image: str, stdin: IO[str], stdout: IO[str]) -> 
         for line in report.refused:
             print(f"refresher: error: {line}", file=sys.stderr)
         return EXIT_USAGE
-    stdout.write(dump_documents(injected))
+    try:
+        output = dump_documents(injected)
+    except RecursionError:  # JSON parses deeper than the YAML writer can recurse
+        raise UsageError(f"{_source_name(source)}: nested too deeply") from None
+    stdout.write(output)
     return EXIT_OK
 
 
+def _source_name(source: str) -> str:
+    return "standard input" if source == "-" else source
+
+
+# Far above any rendered set of manifests; parsed, the documents take tens of times
+# this in memory. Without a bound, `-f /dev/zero` (or a runaway generator upstream
+# of the pipe) is read until the memory runs out.
+MAX_INPUT_CHARS = 64 << 20
+
+
 def _read(source: str, stdin: IO[str]) -> str:
-    if source == "-":
-        try:
-            return stdin.read()
-        except UnicodeDecodeError:
-            raise UsageError("standard input is not UTF-8 text") from None
+    name = "standard input" if source == "-" else f"-f {source}"
     try:
-        return Path(source).read_text(encoding="utf-8")
+        if source == "-":
+            text = stdin.read(MAX_INPUT_CHARS + 1)
+        else:
+            with Path(source).open(encoding="utf-8") as file:
+                text = file.read(MAX_INPUT_CHARS + 1)
     except UnicodeDecodeError:
-        raise UsageError(f"-f {source}: not UTF-8 text") from None
+        raise UsageError(f"{name}: not UTF-8 text") from None
     except OSError as exc:
-        raise UsageError(f"-f {source}: {exc.strerror or type(exc).__name__}") from None
+        raise UsageError(f"{name}: {exc.strerror or type(exc).__name__}") from None
+    if len(text) > MAX_INPUT_CHARS:
+        raise UsageError(f"{name}: over {MAX_INPUT_CHARS >> 20} MiB")
+    return text
 
 
 def load_documents(text: str, source: str) -> list[Any]:
@@ -226,6 +243,8 @@ def load_documents(text: str, source: str) -> list[Any]:
             return [json.loads(text)]
         except ValueError:
             pass  # YAML flow style looks the same: let the YAML parser decide
+        except RecursionError:
+            raise UsageError(f"{source}: nested too deeply") from None
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
@@ -267,13 +286,35 @@ def _octal_modes(node: Any, seen: dict[int, Any]) -> Any:
     return converted
 
 
+# Plain scalars that Kubernetes' reader (go-yaml v2, under sigs.k8s.io/yaml) resolves
+# to a bool or a number although PyYAML writes them unquoted: its YAML 1.1 bools
+# include y/n, and it reads any plain scalar starting with a digit, a sign or a dot
+# with Go's ParseInt(base 0) and ParseFloat ("080", "1e3", "0o17").
+_GO_YAML_BOOLS = frozenset(["y", "Y", "n", "N"])
+
+
+def _not_a_string_to_go_yaml(text: str) -> bool:
+    if text in _GO_YAML_BOOLS:
+        return True
+    if not text or text[0] not in "0123456789+-.":
+        return False
+    plain = text.replace("_", "")
+    for parse in (lambda t: int(t, 0), float, float.fromhex):
+        try:
+            parse(plain)
+        except ValueError:
+            continue
+        return True
+    return False
+
+
 def dump_documents(documents: list[Any]) -> str:
     """YAML, kubectl's way: keys in their order, scripts as block scalars, modes in octal."""
     import yaml  # noqa: PLC0415
 
     def represent_str(dumper: Any, data: str) -> Any:
         # The emitter falls back to quoting when a block scalar cannot hold the text exactly.
-        style = "|" if "\n" in data else None
+        style = "|" if "\n" in data else "'" if _not_a_string_to_go_yaml(data) else None
         return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
     def represent_octal(dumper: Any, data: _Octal) -> Any:

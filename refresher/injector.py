@@ -65,7 +65,7 @@ def admit(body: bytes, image: str) -> Answer:
     metadata = pod.get("metadata") if isinstance(pod, Mapping) else None
     meta = metadata if isinstance(metadata, Mapping) else {}
     fields = {
-        "uid": uid,
+        "uid": _text(uid),
         "namespace": _text(request.get("namespace")),
         "generateName": _text(meta.get("generateName")),
         "name": _text(meta.get("name") or request.get("name")),

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from refresher.inject.pod import LABEL, Obj, Refused, inject_pod, opted_in
+from refresher.inject.pod import LABEL, Obj, Refused, inject_pod, opted_in, shown
 
 # kind -> the keys leading from the object to its pod template.
 TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
@@ -39,7 +39,7 @@ def describe(document: Mapping[str, Any]) -> str:
     name = metadata.get("name") if isinstance(metadata, Mapping) else None
     if name is None and isinstance(metadata, Mapping):
         name = metadata.get("generateName")
-    return f"{document.get('kind')}/{name}"
+    return f"{shown(document.get('kind'))}/{shown(name, 253)}"
 
 
 def inject_documents(documents: list[Any], *, image: str) -> tuple[list[Any], Report]:
@@ -97,7 +97,7 @@ def _hint_misplaced_opt_in(document: Obj, template: Obj, report: Report) -> None
     workload_labels = _at(document, ("metadata", "labels")) if template is not document else None
     where = None
     if isinstance(pod_labels, dict) and LABEL in pod_labels:
-        where = f'label {LABEL} is {pod_labels[LABEL]!r}, not "true"'
+        where = f'label {LABEL} is {str(pod_labels[LABEL])[:80]!r}, not "true"'
     elif isinstance(pod_annotations, dict) and LABEL in pod_annotations:
         where = f"{LABEL} is an annotation; it must be a label of the pod"
     elif isinstance(workload_labels, dict) and LABEL in workload_labels:

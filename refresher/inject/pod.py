@@ -47,10 +47,58 @@ _SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[
 # Conservative on purpose: a path the kubelet, a shell and a YAML reader all take literally.
 _PATH = re.compile(r"(/[A-Za-z0-9._@+-]+)+")
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?")
+# Where the token volume must not go: a mount there (or above) hides what the
+# application's image or the kubelet puts there, and the runtime refuses mounts in
+# /proc, /sys and /dev. Exact names: the image's own top-level directories.
+_SYSTEM_DIRS = frozenset(
+    [
+        "/bin",
+        "/boot",
+        "/etc",
+        "/home",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/opt",
+        "/root",
+        "/run",
+        "/sbin",
+        "/srv",
+        "/tmp",  # noqa: S108 - a name to refuse, not a file
+        "/usr",
+        "/var",
+    ]
+)
+_NO_MOUNT_UNDER = ("/proc", "/sys", "/dev")
+# Mounted by the kubelet into every container (the service account token: the API
+# server adds its mount only where no container mounts that path already).
+_KUBELET_PATHS = (
+    "/var/run/secrets/kubernetes.io/serviceaccount",
+    "/run/secrets/kubernetes.io/serviceaccount",
+    "/etc/hosts",
+    "/etc/hostname",
+    "/etc/resolv.conf",
+)
+_TERMINATION_LOG = "/dev/termination-log"
+# Fields that let another container of the pod see the refresher's processes, and so,
+# through /proc/<pid>/root and /proc/<pid>/environ, its credentials.
+_PROCESS_SHARING = ("shareProcessNamespace", "hostPID")
 
 
 class Refused(ValueError):
     """An opted-in pod that cannot be injected; the message is one line for the user."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A name or value from the pod, for a message: one line, bounded, quoted if odd.
+
+    Pod authors (and, on the webhook's port, anyone) choose these strings: a newline
+    in a container name must not forge a second line of `inject`'s stderr or a log.
+    """
+    text = str(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text if text.isprintable() and " " not in text else repr(text)
 
 
 @dataclass(frozen=True)
@@ -112,7 +160,7 @@ def _annotations(template: Mapping[str, Any]) -> dict[str, str]:
         raise Refused("metadata.annotations must be an object")
     for key, value in annotations.items():
         if isinstance(key, str) and key.startswith(PREFIX) and not isinstance(value, str):
-            raise Refused(f"annotation {key} must be a string")
+            raise Refused(f"annotation {shown(key)} must be a string")
     return {k: v for k, v in annotations.items() if isinstance(k, str) and isinstance(v, str)}
 
 
@@ -122,23 +170,15 @@ def parse_options(annotations: Mapping[str, str]) -> Options:
     unknown = sorted(set(ours) - set(ANNOTATIONS))
     if unknown:
         known = ", ".join(ANNOTATIONS[:-1])
-        raise Refused(f"unknown annotation {PREFIX}{unknown[0]} (known: {known})")
+        raise Refused(f"unknown annotation {shown(PREFIX + unknown[0])} (known: {known})")
     secret = ours.get(CREDENTIALS_SECRET)
     if secret is None:
         raise Refused(f"annotation {PREFIX}{CREDENTIALS_SECRET} is required")
     if len(secret) > 253 or not _SECRET_NAME.fullmatch(secret):
         _invalid(CREDENTIALS_SECRET, secret, "not a Secret name")
-    token_path = ours.get(TOKEN_PATH, DEFAULT_TOKEN_PATH)
-    if (
-        len(token_path) > 1024
-        or not _PATH.fullmatch(token_path)
-        or posixpath.normpath(token_path) != token_path
-        or ".." in token_path.split("/")
-    ):
-        _invalid(TOKEN_PATH, token_path, "not a normalized absolute path of letters, digits, ._@+-")
     return Options(
         credentials_secret=secret,
-        token_path=token_path,
+        token_path=_token_path_option(ours.get(TOKEN_PATH, DEFAULT_TOKEN_PATH)),
         containers=_containers_option(ours.get(CONTAINERS)),
         mode=_choice(ours, MODE, ("sidecar", "init"), "sidecar"),  # type: ignore[arg-type]
         flow=_choice(ours, FLOW, ("auto", "jwt", "oauth"), "auto"),  # type: ignore[arg-type]
@@ -147,8 +187,29 @@ def parse_options(annotations: Mapping[str, str]) -> Options:
 
 
 def _invalid(name: str, value: str, why: str) -> None:
-    shown = value if len(value) <= 80 else value[:77] + "..."
-    raise Refused(f"annotation {PREFIX}{name}: {shown!r} is {why}")
+    short = value if len(value) <= 80 else value[:77] + "..."
+    raise Refused(f"annotation {PREFIX}{name}: {short!r} is {why}")
+
+
+def _token_path_option(path: str) -> str:
+    if (
+        len(path) > 1024
+        or not _PATH.fullmatch(path)
+        or posixpath.normpath(path) != path
+        or ".." in path.split("/")
+    ):
+        _invalid(TOKEN_PATH, path, "not a normalized absolute path of letters, digits, ._@+-")
+    if path in _SYSTEM_DIRS or any(_within(path, top) for top in _NO_MOUNT_UNDER):
+        _invalid(TOKEN_PATH, path, "a system directory: the mount would hide it")
+    for kubelet in _KUBELET_PATHS:
+        if _within(kubelet, path):
+            _invalid(TOKEN_PATH, path, f"at or above {kubelet}, which the kubelet mounts")
+    return path
+
+
+def _within(path: str, directory: str) -> bool:
+    """`path` is `directory` or below it (both normalized)."""
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def _choice(ours: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
@@ -172,12 +233,17 @@ def _endpoint_option(text: str | None) -> str | None:
         return None
     if len(text) > 2048 or any(c.isspace() or not c.isprintable() for c in text):
         _invalid(IMS_ENDPOINT, text, "not a host or an https URL")
-    if "://" not in text:
-        if not _HOST.fullmatch(text):
-            _invalid(IMS_ENDPOINT, text, "not a host or an https URL")
-        return text
+    if "$" in text:
+        # The kubelet expands $(VAR) in args from the container's environment (which
+        # always has KUBERNETES_SERVICE_HOST): the refresher would get another host.
+        _invalid(IMS_ENDPOINT, text, "not a host or an https URL ($ is expanded by the kubelet)")
+    if "@" in text:
+        # Anyone who can read the pod reads its annotations; the refresher drops userinfo.
+        _invalid(IMS_ENDPOINT, text, "not a host or an https URL (no user:password@)")
+    if "://" not in text and not _HOST.fullmatch(text):
+        _invalid(IMS_ENDPOINT, text, "not a host or an https URL")
     try:
-        parts = urlsplit(text)
+        parts = urlsplit(text if "://" in text else f"https://{text}")
         ok = parts.scheme == "https" and bool(parts.hostname) and parts.port != 0
     except ValueError:  # a port out of range, an unbalanced bracket
         ok = False
@@ -209,6 +275,8 @@ def _injected_spec(spec: Mapping[str, Any], options: Options, image: str) -> Obj
     if not apps:
         raise Refused("spec.containers must list at least one container")
     _check_collisions(spec)
+    if options.mode == "sidecar":
+        _check_namespaces(spec)
     selected = {id(container) for container in _selected(apps, options)}
     mount = {"name": TOKEN_VOLUME, "mountPath": options.token_path, "readOnly": True}
     containers = [
@@ -225,7 +293,7 @@ def _injected_spec(spec: Mapping[str, Any], options: Options, image: str) -> Obj
         "containers": containers,
         "volumes": [*_objects(spec, "volumes", "spec"), *volumes(options)],
     }
-    if context is None or "fsGroup" not in context:
+    if context is None or context.get("fsGroup") is None:
         # The token files are 0440: the application reads them through this group.
         changes["securityContext"] = {**(context or {}), "fsGroup": UID}
     injected: Obj = {}
@@ -240,16 +308,24 @@ def _injected_spec(spec: Mapping[str, Any], options: Options, image: str) -> Obj
 def _with_mount(container: Obj, mount: Obj, token_path: str) -> Obj:
     """A copy of `container` that also mounts the token volume (read-only) at token-path."""
     name = container.get("name")
-    mounts = _objects(container, "volumeMounts", f"container {name}")
+    mounts = _objects(container, "volumeMounts", f"container {shown(name)}")
     for existing in mounts:
         # Replacing that mount would hide the user's volume; skipping the container
         # would leave it without a token in a pod that looks injected: refuse.
         path = str(existing.get("mountPath", "")).rstrip("/")
-        if path == token_path or path.startswith(token_path + "/"):
+        if _within(path, token_path):
             raise Refused(
-                f"container {name} already mounts volume {existing.get('name')} at"
-                f" {existing.get('mountPath')} (annotation {PREFIX}{TOKEN_PATH}: {token_path})"
+                f"container {shown(name)} already mounts volume {shown(existing.get('name'))}"
+                f" at {shown(existing.get('mountPath'))}"
+                f" (annotation {PREFIX}{TOKEN_PATH}: {token_path})"
             )
+    # The kubelet mounts a file there: inside a read-only volume it could not.
+    message_path = container.get("terminationMessagePath") or _TERMINATION_LOG
+    if _within(str(message_path), token_path):
+        raise Refused(
+            f"container {shown(name)} has its terminationMessagePath {shown(message_path)}"
+            f" under annotation {PREFIX}{TOKEN_PATH}: {token_path}"
+        )
     return {**container, "volumeMounts": [*mounts, dict(mount)]}
 
 
@@ -262,12 +338,27 @@ def _check_collisions(spec: Mapping[str, Any]) -> None:
         raise Refused(f"volume name {sorted(taken)[0]} is already taken")
     for key in ("initContainers", "containers"):
         for container in _objects(spec, key, "spec"):
-            for port in _objects(container, "ports", f"container {container.get('name')}"):
+            for port in _objects(container, "ports", f"container {shown(container.get('name'))}"):
                 if port.get("containerPort") == PROBE_PORT:
                     raise Refused(
                         f"port {PROBE_PORT} (the refresher's probe port) is already declared"
-                        f" by container {container.get('name')}"
+                        f" by container {shown(container.get('name'))}"
                     )
+
+
+def _check_namespaces(spec: Mapping[str, Any]) -> None:
+    """A running sidecar must not share its processes, or bind its port on the node."""
+    for field in _PROCESS_SHARING:
+        if spec.get(field) is True:
+            raise Refused(
+                f"spec.{field}: the application could read the refresher's credentials"
+                f" through /proc; use annotation {PREFIX}{MODE}: init, or drop {field}"
+            )
+    if spec.get("hostNetwork") is True:
+        raise Refused(
+            f"spec.hostNetwork: the refresher's probe port {PROBE_PORT} would be bound on the"
+            f" node (one such pod per node); use annotation {PREFIX}{MODE}: init"
+        )
 
 
 def _selected(apps: list[Obj], options: Options) -> list[Obj]:
