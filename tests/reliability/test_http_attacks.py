@@ -35,8 +35,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from prometheus_client import CollectorRegistry
 
+from refresher.clock import SystemClock
+from refresher.health import HealthState
 from refresher.httpserver import HttpServer, Limits, Request, Response
+from refresher.metrics import Metrics
+from refresher.server import ProbeServer
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +55,13 @@ CHART_VALUES = ROOT / "charts" / "ims-token-refresher" / "values.yaml"
 # server thread, about what a /metrics scrape costs.
 _CHILD = """
 import os, resource, sys, time
+from prometheus_client import CollectorRegistry
+
+from refresher.clock import SystemClock
+from refresher.health import HealthState
 from refresher.httpserver import HttpServer, Limits, Request, Response
+from refresher.metrics import Metrics
+from refresher.server import ProbeServer
 
 def handle(request):
     if request.path == "/costly":
@@ -495,6 +506,29 @@ def _read_until_closed_bytes(sock: socket.socket) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+# ---------------------------------------------------------------- the probe port's handler
+
+
+def test_a_malformed_accept_header_on_metrics_gets_plain_text_not_a_500() -> None:
+    """`Accept: application/openmetrics-text; version=abc` makes prometheus_client raise;
+    the probe port answers /metrics in plain text (before: a 500 and an error log line)."""
+    metrics = Metrics(CollectorRegistry())
+    probes = ProbeServer("127.0.0.1", 0, HealthState(SystemClock(), stall_after_s=60), metrics)
+    probes.start()
+    try:
+        for accept in ("application/openmetrics-text; version=abc", "text/plain"):
+            connection = http.client.HTTPConnection("127.0.0.1", probes.port, timeout=5)
+            connection.request("GET", "/metrics", headers={"Accept": accept})
+            response = connection.getresponse()
+            body = response.read()
+            connection.close()
+            assert response.status == 200, accept
+            assert response.getheader("Content-Type", "").startswith("text/plain; version=0.0.4")
+            assert b"# TYPE " in body
+    finally:
+        probes.close()
 
 
 # ---------------------------------------------------------------- smuggling shapes
