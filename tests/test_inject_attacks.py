@@ -56,6 +56,8 @@ def with_spec(template: Obj, **spec: Any) -> Obj:
         "ims.example:0",
         "ims.example:99999",
         "https://ims.example:0",
+        # A homograph: a Cyrillic letter where Adobe's host has a Latin one.
+        "https://ims-na1.\u0430dobelogin.com",
     ],
 )
 def test_ims_endpoint_that_would_not_do_what_it_says_is_refused(endpoint: str) -> None:
@@ -136,6 +138,13 @@ def test_sidecar_on_the_host_network_is_refused() -> None:
     assert "spec.hostNetwork" in message and "9876" in message
     init = with_spec(pod(credentials_secret="c", mode="init"), hostNetwork=True)
     assert inject_pod(init).result == "injected"
+
+
+def test_a_windows_pod_is_refused() -> None:
+    """The refresher is a Linux image with Linux-only hardening: a Windows pod is refused."""
+    template = with_spec(pod(credentials_secret="c"), os={"name": "windows"})
+    assert "spec.os.name" in refused(template)
+    assert inject_pod(with_spec(pod(credentials_secret="c"), os={"name": "linux"})).result
 
 
 def test_false_namespace_sharing_fields_are_fine() -> None:
@@ -239,6 +248,36 @@ def test_cli_nesting_too_deep_to_write_is_one_line_exit_2() -> None:
     text = '{"a":' * depth + "1" + "}" * depth
     result = refresher("inject", stdin=text)
     assert result.returncode == 2 and "nested too deeply" in one_line(result.stderr)
+
+
+def test_cli_injects_replication_controllers_and_pod_templates() -> None:
+    """The two other core kinds with a pod template are injected, not passed through."""
+    template = pod(credentials_secret="c")
+    del template["apiVersion"], template["kind"]
+    documents = [
+        {"apiVersion": "v1", "kind": "ReplicationController", "metadata": {"name": "rc"}}
+        | {"spec": {"template": template}},
+        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "pt"}}
+        | {"template": template},
+    ]
+    result = refresher("inject", stdin=json.dumps({"kind": "List", "items": documents}))
+    assert result.returncode == 0, result.stderr
+    rc, pt = yaml.safe_load(result.stdout)["items"]
+    assert rc["spec"]["template"]["spec"]["initContainers"][0]["name"] == CONTAINER
+    assert pt["template"]["spec"]["initContainers"][0]["name"] == CONTAINER
+
+
+def test_cli_warns_about_an_opted_in_template_of_an_unknown_kind() -> None:
+    """An opted-in spec.template of a custom kind is passed through with a warning."""
+    rollout = {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Rollout",
+        "metadata": {"name": "web"},
+        "spec": {"template": pod(credentials_secret="c")},
+    }
+    result = refresher("inject", stdin=json.dumps(rollout))
+    assert result.returncode == 0 and yaml.safe_load(result.stdout) == rollout
+    assert "Rollout/web" in one_line(result.stderr) and "not injected" in result.stderr
 
 
 # --- admission edge cases that held (kept so they keep holding) -----------------

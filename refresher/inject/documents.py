@@ -21,6 +21,8 @@ TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
     "ReplicaSet": ("spec", "template"),
     "Job": ("spec", "template"),
     "CronJob": ("spec", "jobTemplate", "spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "PodTemplate": ("template",),
 }
 
 
@@ -57,6 +59,7 @@ def _document(document: Any, image: str, report: Report) -> Any:
         return {**document, "items": [_document(item, image, report) for item in items]}
     path = TEMPLATE_PATHS.get(kind) if isinstance(kind, str) else None
     if path is None:
+        _hint_unknown_kind(document, report)
         return document
     template = _at(document, path)
     if not isinstance(template, dict):
@@ -104,3 +107,14 @@ def _hint_misplaced_opt_in(document: Obj, template: Obj, report: Report) -> None
         where = f"{LABEL} is a label of the {document.get('kind')}; it must be on its pod template"
     if where is not None:
         report.hints.append(f"{describe(document)}: {where}: not injected")
+
+
+def _hint_unknown_kind(document: Obj, report: Report) -> None:
+    """An opted-in `spec.template` of a kind not listed (a Rollout, a custom resource) is
+    left as it is: only the webhook injects it, when its pods are created. Say so."""
+    template = _at(document, ("spec", "template"))
+    if isinstance(template, dict) and opted_in(template):
+        report.hints.append(
+            f"{describe(document)}: kind {shown(document.get('kind'))} is not one"
+            f" refresher inject knows ({', '.join(TEMPLATE_PATHS)}): not injected"
+        )

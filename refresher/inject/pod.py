@@ -233,6 +233,9 @@ def _endpoint_option(text: str | None) -> str | None:
         return None
     if len(text) > 2048 or any(c.isspace() or not c.isprintable() for c in text):
         _invalid(IMS_ENDPOINT, text, "not a host or an https URL")
+    if not text.isascii():
+        # A homograph (a Cyrillic letter in adobelogin.com) reads as Adobe's host in a review.
+        _invalid(IMS_ENDPOINT, text, "not a host or an https URL (IDN hosts: use punycode)")
     if "$" in text:
         # The kubelet expands $(VAR) in args from the container's environment (which
         # always has KUBERNETES_SERVICE_HOST): the refresher would get another host.
@@ -275,8 +278,7 @@ def _injected_spec(spec: Mapping[str, Any], options: Options, image: str) -> Obj
     if not apps:
         raise Refused("spec.containers must list at least one container")
     _check_collisions(spec)
-    if options.mode == "sidecar":
-        _check_namespaces(spec)
+    _check_pod_level(spec, options)
     selected = {id(container) for container in _selected(apps, options)}
     mount = {"name": TOKEN_VOLUME, "mountPath": options.token_path, "readOnly": True}
     containers = [
@@ -346,8 +348,19 @@ def _check_collisions(spec: Mapping[str, Any]) -> None:
                     )
 
 
-def _check_namespaces(spec: Mapping[str, Any]) -> None:
-    """A running sidecar must not share its processes, or bind its port on the node."""
+def _check_pod_level(spec: Mapping[str, Any], options: Options) -> None:
+    """A Linux pod; a running sidecar must not share its processes or the node's network."""
+    operating_system = spec.get("os")
+    if isinstance(operating_system, Mapping) and operating_system.get("name") not in (
+        None,
+        "linux",
+    ):
+        # The API server refuses Linux-only fields (seccomp, runAsUser) in such a pod.
+        raise Refused(
+            f"spec.os.name: {shown(operating_system.get('name'))}: the refresher runs on Linux only"
+        )
+    if options.mode == "init":
+        return  # it has exited before any other container starts, and binds no port
     for field in _PROCESS_SHARING:
         if spec.get(field) is True:
             raise Refused(
