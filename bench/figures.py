@@ -30,6 +30,7 @@ class Plan:
     """How much to measure; `quick()` runs every subject briefly, to check the harness."""
 
     runs: int = 5
+    startup_runs: int = 15  # cheap (~1 s a round) and the noisiest figure: more rounds
     memory_window_s: float = 12.0
     memory_ttl_s: float = 2.0  # the refresher refreshes every ~1.5 s; the peers loop at 1.5 s
     idle_window_s: float = 60.0
@@ -45,11 +46,13 @@ class Plan:
     webhook_paced_s: float = 10.0
     webhook_interval_s: float = 0.1  # 50 clients: 500 reviews/s offered
     webhook_closed: int = 10_000
+    webhook_rounds: int = 3
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(
             runs=2,
+            startup_runs=2,
             memory_window_s=5.0,
             idle_window_s=5.0,
             idle_settle_s=2.0,
@@ -60,6 +63,7 @@ class Plan:
             webhook_single=300,
             webhook_paced_s=3.0,
             webhook_closed=2000,
+            webhook_rounds=1,
         )
 
 
@@ -94,7 +98,7 @@ def startup(lab: Lab, plan: Plan, results: Results) -> None:
     emulator = Emulator(lab.space, 86400)
     lab.check_node_peer(emulator)
     kinds = list(lab.oneshots().values())
-    for round_ in range(plan.runs + 1):  # round 0 warms caches and is not counted
+    for round_ in range(plan.startup_runs + 1):  # round 0 warms caches and is not counted
         for subject in _rotated(kinds, round_):
             out = lab.space.path(subject.key)
             figures = time_to_publish(
@@ -105,7 +109,7 @@ def startup(lab: Lab, plan: Plan, results: Results) -> None:
             )
             if round_ > 0:
                 results.add("startup", subject.key, figures)
-        print(f"  startup round {round_}/{plan.runs}", flush=True)
+        print(f"  startup round {round_}/{plan.startup_runs}", flush=True)
     emulator.stop()
 
 
@@ -296,11 +300,17 @@ def webhook(lab: Lab, plan: Plan, results: Results) -> None:
         injector.Load("paced", 50, paced, plan.webhook_interval_s),
         injector.Load("closed", 50, max(1, plan.webhook_closed // 50), None),
     ]
-    found = injector.measure(lab.space, loads)
+    found = injector.measure(lab.space, loads, plan.webhook_rounds)
     results.webhook = found
-    figures = {f"{load.name}_{k}": found[load.name][k] for load in loads for k in found[load.name]}
-    figures |= {k: found[k] for k in ("idle_rss_mib", "rss_mib", "hwm_mib")}
-    results.add("webhook", "injector", figures)
+    for round_ in range(plan.webhook_rounds):
+        figures = {
+            f"{load.name}_{key}": values[round_]
+            for load in loads
+            for key, values in found[load.name].items()
+        }
+        results.add("webhook", "injector", figures)
+    memory = {k: found[k] for k in ("idle_rss_mib", "rss_mib", "hwm_mib")}
+    results.add("webhook", "injector", memory)
     print("  webhook done", flush=True)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import ipaddress
+import itertools
 import json
 import multiprocessing
 import random
@@ -235,8 +236,11 @@ def argv(cert: Path, key: Path) -> list[str]:
     ]
 
 
-def measure(space: Workspace, loads: list[Load]) -> dict[str, Any]:
-    """Start the injector, warm it up, run each load; latencies, CPU per review, memory."""
+def measure(space: Workspace, loads: list[Load], rounds: int) -> dict[str, Any]:
+    """Start the injector, warm it up, run the loads `rounds` times over (A B C A B C ...).
+
+    Figures per load are lists, one value per round; memory is taken after the last.
+    """
     cert, key = certificate(space.path("injector-tls"))
     log = space.path("injector.log")
     with log.open("wb") as out:
@@ -248,10 +252,10 @@ def measure(space: Workspace, loads: list[Load]) -> dict[str, Any]:
         body = review_body()
         drive(port, cert, Load("warm-up", 1, 200, None), body)
         figures: dict[str, Any] = {"body_bytes": len(body), "idle_rss_mib": idle_rss}
-        for load in loads:
+        for _round, load in itertools.product(range(rounds), loads):
             before = _cpu_ns(child.pid)
             latencies = drive(port, cert, load, body)
-            figures[load.name] = {
+            found = {
                 "reviews": len(latencies),
                 "p50_ms": percentile(latencies, 0.50) * 1000,
                 "p99_ms": percentile(latencies, 0.99) * 1000,
@@ -260,6 +264,8 @@ def measure(space: Workspace, loads: list[Load]) -> dict[str, Any]:
                 "per_s": load.clients / statistics.mean(latencies),
                 "cpu_us": (_cpu_ns(child.pid) - before) / 1000 / len(latencies),
             }
+            for name, value in found.items():
+                figures.setdefault(load.name, {}).setdefault(name, []).append(value)
         fields = status(child.pid)
         figures["rss_mib"] = int(fields["VmRSS"].split()[0]) / MIB
         figures["hwm_mib"] = int(fields["VmHWM"].split()[0]) / MIB
