@@ -51,7 +51,3 @@ class EventSleeper:
 
     def wake(self) -> None:
         self._event.set()
-
-    @property
-    def woken(self) -> bool:
-        return self._event.is_set()

@@ -50,6 +50,11 @@ class ImsSettings:
     min_token_lifetime_s: float = 1.0
     """A token IMS grants for less than this is a bad answer (retried, never published)."""
 
+    def base_url(self, credentials_endpoint: str | None) -> str:
+        """The IMS base URL for credentials: `--ims-endpoint` wins, then the credentials'
+        `imsEndpoint`, then Adobe's default host."""
+        return ims_base_url(self.endpoint or credentials_endpoint)
+
 
 @dataclass(frozen=True)
 class ScheduleSettings:
@@ -90,8 +95,11 @@ class Settings:
     log_level: str
 
 
-def ims_base_url(endpoint: str | None) -> str:
-    """`https://host[:port]` from a host or URL: scheme and host only, as `@adobe/jwt-auth` does."""
+def ims_base_url(endpoint: str | None, fallback: str | None = None) -> str:
+    """`https://host[:port]` from a host or URL: scheme and host only, as `@adobe/jwt-auth`
+    does. The one precedence rule: `endpoint` (--ims-endpoint) wins, then `fallback` (the
+    credentials' `imsEndpoint`), then Adobe's default host."""
+    endpoint = endpoint or fallback
     if not endpoint:
         return f"https://{DEFAULT_IMS_HOST}"
     text = endpoint.strip()
@@ -191,7 +199,8 @@ def _mode(text: str) -> int:
     return value
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """The one boolean parser, for flags and `REFRESHER_*` values alike."""
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -239,7 +248,7 @@ def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Sett
     c.require(str(credentials) not in ("", "."), "--credentials is required")
     flow = c.get("flow", _choice("auto", "jwt", "oauth"), "auto")
     endpoint = raw.get("ims_endpoint") or None
-    allow_http = c.get("allow_insecure_http", _bool, False)
+    allow_http = c.get("allow_insecure_http", parse_bool, False)
     if endpoint:
         try:
             problem = plain_http_problem(

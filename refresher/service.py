@@ -2,17 +2,18 @@
 
 `Service.run()` keeps a valid token published forever; `Service.once()` publishes
 one and returns an exit code. Both are driven by an injected clock, sleeper and
-random source, so tests run hours of schedule in milliseconds.
+random source, so tests run hours of schedule in milliseconds. The loop decides;
+what it did goes to the `Observer` (metrics, health, logs) as events.
 """
 
 from __future__ import annotations
 
-import logging
 import random
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from tenacity import RetryCallState, Retrying, retry_if_exception
 
@@ -27,26 +28,42 @@ from refresher.errors import (
     ExchangeError,
     PublishError,
     RefresherError,
+    Transient,
 )
-from refresher.health import HealthState
-from refresher.ims import ImsClient, RetryWait
 from refresher.logs import SecretRegistry
-from refresher.metrics import Metrics
 from refresher.notify import Notifier
-from refresher.schedule import RefreshPolicy, adoptable, backoff_s, delay_until, refresh_at
+from refresher.observer import Observer
+from refresher.schedule import (
+    Issuer,
+    RefreshPolicy,
+    RetryWait,
+    adoptable,
+    backoff_s,
+    delay_until,
+    outlives,
+    refresh_at,
+    usable,
+)
 from refresher.sinks import Sink
 from refresher.token import AccessToken, rfc3339
 
-log = logging.getLogger(__name__)
 
-CERT_WARN_DAYS = 30
-CERT_ERROR_DAYS = 7
+class Exchanger(Protocol):
+    """The exchange stage as the loop sees it (`ImsClient`, or a test's scripted IMS)."""
+
+    def exchange(self, credentials: Credentials, now: Callable[[], datetime]) -> AccessToken:
+        """One attempt. Raises `ExchangeError` (`Transient`, `Rejected`, `LocalSetup`)."""
+        ...
+
+    def cancel(self) -> None:
+        """End an exchange in flight at once and make no further one (any thread)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, ExchangeError):
-        return exc.retryable
-    return isinstance(exc, CredentialsNotReady)
+    return isinstance(exc, Transient | CredentialsNotReady)
 
 
 class Stopped(RefresherError):
@@ -57,6 +74,19 @@ class Stopped(RefresherError):
 
 class _DeadlineReached(Exception):
     """`once`'s --retry-timeout ends the wait before the next attempt would start."""
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What the loop chains, built by the app (or a test) from `Settings`."""
+
+    clock: Clock
+    sleeper: Sleeper
+    exchanger: Exchanger
+    sinks: Sequence[Sink]
+    secrets: SecretRegistry
+    notifier: Notifier | None = None
+    rng: random.Random = field(default_factory=random.Random)
 
 
 @dataclass
@@ -77,48 +107,43 @@ class _Published:
 
 
 class Service:
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        clock: Clock,
-        sleeper: Sleeper,
-        client: ImsClient,
-        sinks: Sequence[Sink],
-        metrics: Metrics,
-        health: HealthState,
-        secrets: SecretRegistry,
-        notifier: Notifier | None = None,
-        rng: random.Random | None = None,
-        load: Callable[..., Credentials] = load_credentials,
-    ) -> None:
+    def __init__(self, settings: Settings, stages: Stages, observer: Observer) -> None:
         self.settings = settings
-        self.clock = clock
-        self.sleeper = sleeper
-        self.client = client
+        self.clock = stages.clock
+        self.sleeper = stages.sleeper
+        self.exchanger = stages.exchanger
         # Shared sinks (the Secret) first: if another replica won a race there, the
         # token it holds is the one the local file must get.
-        self.sinks = sorted(sinks, key=lambda s: not s.shared)
-        self.metrics = metrics
-        self.health = health
-        self.secrets = secrets
-        self.notifier = notifier
-        self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self.load = load
+        self.sinks = sorted(stages.sinks, key=lambda s: not s.shared)
+        self.secrets = stages.secrets
+        self.notifier = stages.notifier
+        self.rng = stages.rng
+        self.observer = observer
         self.policy = RefreshPolicy(settings.schedule.refresh_ratio, settings.schedule.jitter)
-        self.publish_lock = threading.Lock()
+        self._publish_lock = threading.Lock()
         self._stopping = threading.Event()
         self._signature: tuple[object, ...] | None = None
         self._credentials_changed = False
         self._current: _Published | None = None
-        self._certificate_reported: tuple[datetime, int] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask the loop to stop: any sleep ends at once; a publish in progress completes."""
+        """Ask the loop to stop: any sleep ends at once, an exchange in flight is cancelled;
+        a publish in progress completes."""
         self._stopping.set()
         self.sleeper.wake()
+        self.exchanger.cancel()
+
+    def shutdown(self, publish_grace_s: float) -> bool:
+        """After `stop()` and the loop's end (or its grace): wait up to `publish_grace_s`
+        for a publish in progress, then let none start; kill a running --on-refresh hook
+        and close the exchanger. False if a publish was still in progress."""
+        finished = self._publish_lock.acquire(timeout=publish_grace_s)
+        if self.notifier is not None:
+            self.notifier.close()  # a hung --on-refresh hook must not outlive us
+        self.exchanger.close()
+        return finished
 
     @property
     def stopping(self) -> bool:
@@ -138,7 +163,7 @@ class Service:
         self._prepare()
         if self._adopt_at_start():
             return self._settle_publication()
-        token = self._obtain(deadline=deadline, allow_adopt=True)
+        token = self._obtain(deadline=deadline)
         self._accept(token)
         return self._settle_publication()
 
@@ -147,7 +172,7 @@ class Service:
         self._prepare()
         self._adopt_at_start()
         while not self.stopping:
-            self.health.heartbeat()
+            self.observer.heartbeat()
             current = self._current
             if current is None or self._credentials_changed or self._due(current):
                 self._refresh()
@@ -156,7 +181,7 @@ class Service:
                 self._retry_unpublished(current)
                 continue
             self._pause(self._until_due(current), until=current.due_at)
-        self.health.stopped()
+        self.observer.stopped()
         return EXIT_OK
 
     # ---- stages ----------------------------------------------------------------------
@@ -168,56 +193,43 @@ class Service:
         for sink in self.sinks:
             sink.prepare()
 
-    def _load(self, *, settle: bool = True) -> Credentials:
-        """Read the credentials. With `settle`, a not-ready read that reads the same a
-        moment later is a permanent CredentialsError (broken, not half-written)."""
+    def _load(self, *, settle: bool = True) -> tuple[Credentials, Issuer]:
+        """Read the credentials, and whose tokens they mint. With `settle`, a not-ready
+        read that reads the same a moment later is a permanent CredentialsError (broken,
+        not half-written)."""
+        path, flow = self.settings.credentials, self.settings.flow
         if settle:
-            credentials = load_settled(
-                self.settings.credentials,
-                flow=self.settings.flow,
-                wait=self.sleeper.sleep,
-                load=self.load,
-            )
+            credentials = load_settled(path, flow=flow, wait=self.sleeper.sleep)
         else:
-            credentials = self.load(self.settings.credentials, flow=self.settings.flow)
+            credentials = load_credentials(path, flow=flow)
         self.secrets.add(*credentials.client_secrets)
+        base_url = self.settings.ims.base_url(credentials.ims_endpoint)
         problem = plain_http_problem(
-            self.client.base_url(credentials),
+            base_url,
             allow_insecure_http=self.settings.ims.allow_insecure_http,
             origin="the IMS endpoint in the credentials",
         )
         if problem is not None:
             # The credentials' own endpoint: the same verdict as `check` (exit 2).
             raise CredentialsError(problem, source=credentials.source)
-        self._report_certificate(credentials)
-        return credentials
+        if credentials.certificate_not_after is not None:
+            self.observer.certificate(credentials.certificate_not_after)
+        return credentials, Issuer(credentials.client_id, base_url)
 
-    def _report_certificate(self, credentials: Credentials) -> None:
-        not_after = credentials.certificate_not_after
-        if not_after is None:
-            return
-        self.metrics.certificate_expiry.set(not_after.timestamp())
-        days_left = (not_after - self.clock.now()).total_seconds() / 86400
-        # Credentials are re-read on every attempt; say it at start, then once a day
-        # (or when the certificate changes), not on every retry of an outage.
-        key = (not_after, int(days_left))
-        if key == self._certificate_reported:
-            return
-        self._certificate_reported = key
-        fields = {"certificate_expires_at": rfc3339(not_after), "days_left": round(days_left, 1)}
-        if days_left < CERT_ERROR_DAYS:
-            log.error(
-                "the credentials' certificate expires in %.1f days: create a new one in the AEM "
-                "Developer Console now",
-                days_left,
-                extra=fields,
-            )
-        elif days_left < CERT_WARN_DAYS:
-            log.warning(
-                "the credentials' certificate expires in %.1f days: plan its renewal",
-                days_left,
-                extra=fields,
-            )
+    def _held_tokens(self, *, shared_only: bool, when: str) -> list[tuple[Sink, AccessToken]]:
+        """What the sinks hold now; an unreadable sink is reported and skipped."""
+        held: list[tuple[Sink, AccessToken]] = []
+        for sink in self.sinks:
+            if shared_only and not sink.shared:
+                continue
+            try:
+                token = sink.read_current()
+            except PublishError as exc:
+                self.observer.sink_unreadable(sink.name, exc, when=when)
+                continue
+            if token is not None:
+                held.append((sink, token))
+        return held
 
     def _adopt_at_start(self) -> bool:
         """Adopt the newest valid published token for these credentials; True if not yet due.
@@ -227,58 +239,34 @@ class Service:
         `once` then exits 2, `run` reports it and waits for a change).
         """
         try:
-            credentials = self._load(settle=False)
+            _, issuer = self._load(settle=False)
         except CredentialsNotReady:
             return False
         now = self.clock.now()
-        held: dict[str, AccessToken | None] = {}
-        best: tuple[AccessToken, Sink] | None = None
-        for sink in self.sinks:
-            try:
-                token = held[sink.name] = sink.read_current()
-            except PublishError as exc:
-                log.warning("cannot read the %s sink at start: %s", sink.name, exc)
-                continue
-            if token is None or not self._usable(token, credentials, now):
-                continue
-            if best is None or token.expires_at > best[0].expires_at:
-                best = (token, sink)
-        if best is None:
+        held = self._held_tokens(shared_only=False, when="at start")
+        candidates = [(s, t) for s, t in held if usable(t, issuer, now)]
+        if not candidates:
             return False
-        token, source = best
-        fresh = adoptable(token, self.policy, now)
-        self._accept(token, adopted_from=source.name if fresh else None, publish=False)
-        assert self._current is not None  # noqa: S101 - _accept just set it
+        source, token = max(candidates, key=lambda pair: pair[1].expires_at)
+        fresh = adoptable(token, issuer, self.policy, now)
+        scheduled = refresh_at(token, self.policy, self.rng.random())
+        due = scheduled if fresh else now  # still valid, so readers keep it; but due
+        holders = {s.name for s, t in held if t.value == token.value}
         # Sinks that do not hold it yet (empty, older, unreadable) get it on the next turn.
-        self._current.unpublished = [
-            s for s in self.sinks if getattr(held.get(s.name), "value", None) != token.value
-        ]
-        if not fresh:
-            # Still valid, so readers keep it; but due: refresh at once.
-            self._current.due_at = now
-            self._current.due_mono = self.clock.monotonic()
-        log.info(
-            "found a published token (%s) from the %s sink",
-            "adopted" if fresh else "valid but due for refresh",
-            source.name,
-            extra={"expires_at": rfc3339(token.expires_at)},
-        )
+        owed = [s for s in self.sinks if s.name not in holders]
+        self._current = _Published(token, due, self._mono_at(due), owed)
+        self.observer.serving(token)
+        if fresh:
+            self.observer.adopted(token, source.name, why="start")
+            self.observer.scheduled(due, token)
+        else:
+            self.observer.found_due(token, source.name)
         return fresh
-
-    def _usable(self, token: AccessToken, credentials: Credentials, now: datetime) -> bool:
-        """A held token we may stand behind: ours, still valid, and plausible (sinks check
-        plausibility too; a sink that forgot must not make a forged expiry current)."""
-        return self._matches(token, credentials) and token.is_valid(now) and token.is_plausible(now)
-
-    def _matches(self, token: AccessToken, credentials: Credentials) -> bool:
-        return token.client_id == credentials.client_id and token.ims_endpoint == (
-            self.client.base_url(credentials)
-        )
 
     def _refresh(self) -> None:
         """One refresh cycle in `run`: obtain (with retries) and publish."""
         try:
-            token = self._obtain(deadline=None, allow_adopt=True)
+            token = self._obtain(deadline=None)
         except Stopped:
             return
         except (ExchangeError, CredentialsError) as exc:
@@ -286,17 +274,12 @@ class Service:
                 return
             # Permanent: IMS rejected the credentials, or they are unusable. Retry
             # slowly; a credentials change ends the pause at once.
-            log.error(
-                "giving up for %gs: %s",
-                self.settings.schedule.permanent_retry_s,
-                exc,
-                extra=exc.log_fields() if isinstance(exc, ExchangeError) else {},
-            )
+            self.observer.gave_up(exc, self.settings.schedule.permanent_retry_s)
             self._pause(self.settings.schedule.permanent_retry_s)
             return
         self._accept(token)
 
-    def _obtain(self, *, deadline: float | None, allow_adopt: bool) -> AccessToken:
+    def _obtain(self, *, deadline: float | None) -> AccessToken:
         """Adopt a fresh token another replica published, or mint one; retry transient failures.
 
         With a `deadline` (monotonic, `once`), no wait runs past it: a wait longer than
@@ -312,7 +295,7 @@ class Service:
         def remember(state: RetryCallState) -> None:
             if state.outcome is not None and state.outcome.failed:
                 last[:] = [state.outcome.exception()]  # type: ignore[list-item]
-            self._log_retry(state)
+            self.observer.retrying(state.upcoming_sleep, state.attempt_number)
 
         def sleep(seconds: float) -> None:
             left = None if deadline is None else deadline - self.clock.monotonic()
@@ -322,134 +305,73 @@ class Service:
             if left is not None and left <= seconds and not self._credentials_changed:
                 raise _DeadlineReached
 
+        schedule = self.settings.schedule
         retrying = Retrying(
             sleep=sleep,
             stop=stop,
-            wait=RetryWait(
-                self.settings.schedule.backoff_initial_s,
-                self.settings.schedule.backoff_max_s,
-                self.rng,
-            ),
+            wait=RetryWait(schedule.backoff_initial_s, schedule.backoff_max_s, self.rng),
             retry=retry_if_exception(_is_transient),
             before_sleep=remember,
             reraise=True,
         )
         try:
-            return retrying(self._attempt, allow_adopt)
+            return retrying(self._attempt)
         except _DeadlineReached:
-            log.error("--retry-timeout reached: giving up")
+            self.observer.deadline_reached()
             raise last[0] from None
 
-    def _attempt(self, allow_adopt: bool) -> AccessToken:
+    def _attempt(self) -> AccessToken:
         if self.stopping:
             raise Stopped("stopped before a token was obtained")
         # Whatever changed so far is read now; a token minted with older credentials
         # (ours or another replica's) is not adopted after a change.
         changed, self._credentials_changed = self._credentials_changed, False
         try:
-            credentials = self._load()
+            credentials, issuer = self._load()
         except CredentialsError as exc:
             if self.stopping:  # the settle moment was cut short: no verdict
                 raise Stopped("stopped before a token was obtained") from None
-            self._count_failure(exc, retryable=isinstance(exc, CredentialsNotReady))
+            self.observer.attempt_failed(exc, transient=isinstance(exc, CredentialsNotReady))
             raise
-        if allow_adopt and not changed:
-            shared = self._fresh_shared_token(credentials)
+        if not changed:
+            shared = self._fresh_shared_token(issuer)
             if shared is not None:
                 return shared
+        return self._mint(credentials)
+
+    def _mint(self, credentials: Credentials) -> AccessToken:
         started = self.clock.monotonic()
         try:
-            token = self.client.exchange(credentials, self.clock.now)
-            self.health.heartbeat()  # an exchange may take its whole read timeout
+            token = self.exchanger.exchange(credentials, self.clock.now)
+            self.observer.heartbeat()  # an exchange may take its whole read timeout
         except ExchangeError as exc:
             if self.stopping:  # shutdown cancels an exchange in flight: not IMS's failure
                 raise Stopped("stopped before a token was obtained") from None
-            self._count_failure(exc, retryable=exc.retryable)
+            self.observer.attempt_failed(exc, transient=isinstance(exc, Transient))
             raise
         finally:
-            self.metrics.exchange_duration.labels(flow=credentials.flow).observe(
-                self.clock.monotonic() - started
-            )
+            self.observer.exchange_took(credentials.flow, self.clock.monotonic() - started)
         self.secrets.add(token.value)
-        self.metrics.refresh.labels(result="success").inc()
-        self.health.succeeded()
-        self.metrics.consecutive_failures.set(0)
-        log.info(
-            "obtained a new access token",
-            extra={
-                "flow": token.flow,
-                "client_id": token.client_id,
-                "ims_endpoint": token.ims_endpoint,
-                "expires_at": rfc3339(token.expires_at),
-                "lifetime_s": round(token.lifetime.total_seconds(), 3),
-            },
-        )
+        self.observer.minted(token)
         return token
 
-    def _fresh_shared_token(self, credentials: Credentials) -> AccessToken | None:
+    def _fresh_shared_token(self, issuer: Issuer) -> AccessToken | None:
         """Replicas share a Secret: a not-yet-due token there is adopted, not re-minted."""
         now = self.clock.now()
         current = self._current.token if self._current else None
-        for sink in self.sinks:
-            if not sink.shared:
-                continue
-            try:
-                token = sink.read_current()
-            except PublishError as exc:
-                log.warning("cannot read the %s sink before minting: %s", sink.name, exc)
-                continue
-            if (
-                token is not None
-                and self._matches(token, credentials)
-                and adoptable(token, self.policy, now)
-                and (current is None or token.expires_at > current.expires_at)
-            ):
-                self.metrics.adopted.labels(source=sink.name).inc()
-                self.metrics.refresh.labels(result="success").inc()
-                self.health.succeeded()
-                self.metrics.consecutive_failures.set(0)
-                log.info(
-                    "adopted the token another replica published",
-                    extra={"sink": sink.name, "expires_at": rfc3339(token.expires_at)},
-                )
+        for sink, token in self._held_tokens(shared_only=True, when="before minting"):
+            newer = current is None or token.expires_at > current.expires_at
+            if newer and adoptable(token, issuer, self.policy, now):
+                self.observer.adopted(token, sink.name, why="shared")
                 return token
         return None
 
-    def _count_failure(self, exc: RefresherError, *, retryable: bool) -> None:
-        result = "retryable_error" if retryable else "permanent_error"
-        self.metrics.refresh.labels(result=result).inc()
-        failures = self.health.failed(str(exc))
-        self.metrics.consecutive_failures.set(failures)
-        fields = exc.log_fields() if isinstance(exc, ExchangeError) else {}
-        log.warning("refresh attempt failed: %s", exc, extra={"result": result, **fields})
-
-    def _log_retry(self, state: RetryCallState) -> None:
-        delay = state.upcoming_sleep
-        log.info("retrying in %.2fs (attempt %d)", delay, state.attempt_number)
-
-    def _accept(
-        self, token: AccessToken, *, adopted_from: str | None = None, publish: bool = True
-    ) -> None:
+    def _accept(self, token: AccessToken) -> None:
         """Make `token` current, schedule its refresh, and publish it to every sink."""
-        if adopted_from is not None:
-            self.metrics.adopted.labels(source=adopted_from).inc()
         due = refresh_at(token, self.policy, self.rng.random())
-        self._current = _Published(
-            token, due, self._mono_at(due), list(self.sinks) if publish else []
-        )
-        if publish:
-            self._publish_pending(self._current)
-        else:
-            self._expose(token)  # adopted: it is already published
-        log.info(
-            "next refresh scheduled",
-            extra={"refresh_at": rfc3339(due), "expires_at": rfc3339(token.expires_at)},
-        )
-
-    def _expose(self, token: AccessToken) -> None:
-        self.health.published(token.expires_at)
-        self.metrics.token_expiry.set(token.expires_at.timestamp())
-        self.metrics.last_success.set(self.clock.now().timestamp())
+        self._current = _Published(token, due, self._mono_at(due), list(self.sinks))
+        self._publish_pending(self._current)
+        self.observer.scheduled(self._current.due_at, self._current.token)
 
     def _publish_pending(self, current: _Published) -> None:
         """Publish to every sink still owed the token; a failing sink never blocks another.
@@ -458,29 +380,23 @@ class Service:
         no sink accepted is not reported as published.
         """
         published_any = False
-        with self.publish_lock:
+        with self._publish_lock:
             owed: list[Sink] = list(current.unpublished)
             written: list[Sink] = []
             failed: list[Sink] = []
             while owed:
                 sink = owed.pop(0)
                 try:
-                    held = sink.publish(current.token)
-                    self.health.heartbeat()  # a slow API server must not look like a stall
+                    held = self._publish_one(sink, current.token)
                 except PublishError as exc:
-                    self.metrics.sink_write.labels(sink=sink.name, result="error").inc()
-                    log.error("publishing failed: %s", exc, extra={"sink": sink.name})
+                    self.observer.publish_failed(sink.name, exc)
                     failed.append(sink)
                     continue
-                self.metrics.sink_write.labels(sink=sink.name, result="success").inc()
                 published_any = True
                 if held.value != current.token.value:
                     # Another replica won the race with a newer token: adopt it, and give
                     # it to the sinks that already got ours in this round.
-                    self.metrics.adopted.labels(source=sink.name).inc()
-                    log.info(
-                        "adopted the newer token another replica wrote", extra={"sink": sink.name}
-                    )
+                    self.observer.adopted(held, sink.name, why="race")
                     current.token = held
                     current.due_at = refresh_at(held, self.policy, self.rng.random())
                     current.due_mono = self._mono_at(current.due_at)
@@ -490,10 +406,20 @@ class Service:
             current.unpublished = failed
             current.publish_attempts = current.publish_attempts + 1 if failed else 0
         if published_any:
-            self._expose(current.token)
+            self.observer.serving(current.token)
             if self.notifier is not None:
                 token_dir = self.settings.output.token_dir
                 self.notifier.notify(str(token_dir or ""), rfc3339(current.token.expires_at))
+
+    def _publish_one(self, sink: Sink, token: AccessToken) -> AccessToken:
+        """Publish to one sink; the token it holds afterwards (ours, or a race winner's
+        that passes the adoption rule). Raises PublishError."""
+        held = sink.publish(token)
+        if held.value != token.value and not outlives(held, token, self.clock.now()):
+            # The sink kept a token the one rule would not adopt: ours is not there.
+            raise PublishError("kept a token that does not outlive ours", sink=sink.name)
+        self.observer.published(sink.name, held)
+        return held
 
     def _retry_unpublished(self, current: _Published) -> None:
         """A sink failed: retry it with backoff (the token is not re-minted for that)."""
@@ -515,8 +441,7 @@ class Service:
         if current.unpublished:
             self._publish_pending(current)
         if current.unpublished:
-            names = ", ".join(s.name for s in current.unpublished)
-            log.error("one-shot publish failed for the %s sink", names)
+            self.observer.once_unpublished([s.name for s in current.unpublished])
             return EXIT_RUNTIME
         if self.notifier is not None:
             self.notifier.join(self.settings.output.on_refresh_timeout_s + 1)
@@ -554,7 +479,7 @@ class Service:
         deadline = self.clock.monotonic() + max(0.0, seconds)
         interval = self.settings.schedule.watch_interval_s
         while not self.stopping:
-            self.health.heartbeat()
+            self.observer.heartbeat()
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0 or (until is not None and self.clock.now() >= until):
                 return
@@ -564,9 +489,5 @@ class Service:
             if signature != self._signature:
                 self._signature = signature
                 self._credentials_changed = True
-                self.metrics.credentials_reload.inc()
-                log.info(
-                    "credentials changed: refreshing now",
-                    extra={"path": str(self.settings.credentials)},
-                )
+                self.observer.credentials_changed(str(self.settings.credentials))
                 return

@@ -65,9 +65,6 @@ class AccessToken:
             and self.lifetime <= MAX_LIFETIME
         )
 
-    def remaining_s(self, now: datetime) -> float:
-        return (self.expires_at - now).total_seconds()
-
     # The published document: the same bytes go to the file and the Secret sink.
     def to_document(self) -> dict[str, Any]:
         return {

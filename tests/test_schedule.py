@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tenacity import RetryCallState, Retrying
 
+from refresher.errors import Rejected, Transient
 from refresher.schedule import (
+    Issuer,
     RefreshPolicy,
+    RetryWait,
     adoptable,
     backoff_s,
     delay_until,
     earliest_refresh_at,
+    outlives,
     refresh_at,
+    usable,
 )
 from refresher.token import AccessToken
 
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+ISSUER = Issuer("c", "https://ims")
 
 
 def token(lifetime_s: float, issued: datetime = T0) -> AccessToken:
@@ -72,14 +81,14 @@ def test_adoptable_until_the_earliest_jittered_refresh() -> None:
     tok = token(1000)
     policy = RefreshPolicy(0.8, 0.1)
     assert earliest_refresh_at(tok, policy) == T0 + timedelta(seconds=700)
-    assert adoptable(tok, policy, T0 + timedelta(seconds=699))
-    assert not adoptable(tok, policy, T0 + timedelta(seconds=700))
+    assert adoptable(tok, ISSUER, policy, T0 + timedelta(seconds=699))
+    assert not adoptable(tok, ISSUER, policy, T0 + timedelta(seconds=700))
 
 
 def test_token_from_the_far_future_is_not_adopted() -> None:
     """A token 'issued' an hour from now (clock skew, forgery) is not trusted for adoption."""
     tok = token(86400, issued=T0 + timedelta(hours=1))
-    assert not adoptable(tok, RefreshPolicy(), T0)
+    assert not adoptable(tok, ISSUER, RefreshPolicy(), T0)
 
 
 @given(
@@ -108,6 +117,104 @@ def test_policy_rejects_nonsense() -> None:
 def test_implausible_tokens_are_not_adoptable() -> None:
     """Issued more than a few seconds ahead, or living longer than IMS grants (a year-9999
     expiry), is never adopted, however far its refresh seems."""
-    assert not adoptable(token(3600, issued=T0 + timedelta(seconds=30)), RefreshPolicy(), T0)
-    assert not adoptable(token(49 * 3600), RefreshPolicy(), T0 + timedelta(hours=1))
-    assert adoptable(token(24 * 3600, issued=T0 + timedelta(seconds=2)), RefreshPolicy(), T0)
+    assert not adoptable(
+        token(3600, issued=T0 + timedelta(seconds=30)), ISSUER, RefreshPolicy(), T0
+    )
+    assert not adoptable(token(49 * 3600), ISSUER, RefreshPolicy(), T0 + timedelta(hours=1))
+    assert adoptable(
+        token(24 * 3600, issued=T0 + timedelta(seconds=2)), ISSUER, RefreshPolicy(), T0
+    )
+
+
+policies = st.builds(
+    RefreshPolicy,
+    refresh_ratio=st.floats(min_value=0.05, max_value=0.95),
+    jitter=st.floats(min_value=0, max_value=0.04),
+)
+lifetimes = st.floats(min_value=1, max_value=48 * 3600)
+offsets = st.floats(min_value=-3600, max_value=50 * 3600)
+
+
+@given(policy=policies, lifetime_s=lifetimes, offset_s=offsets)
+def test_adoptable_means_usable_and_not_yet_due(
+    policy: RefreshPolicy, lifetime_s: float, offset_s: float
+) -> None:
+    """Adoptable exactly when the token is usable (ours, valid, plausible) and no replica
+    would refresh it yet; an adoptable token is always still valid."""
+    tok = token(lifetime_s)
+    now = T0 + timedelta(seconds=offset_s)
+    expected = usable(tok, ISSUER, now) and now < earliest_refresh_at(tok, policy)
+    assert adoptable(tok, ISSUER, policy, now) == expected
+    if expected:
+        assert tok.is_valid(now) and tok.is_plausible(now)
+
+
+@given(
+    policy=policies,
+    lifetime_s=lifetimes,
+    offset_s=offsets,
+    other=st.sampled_from([Issuer("other", "https://ims"), Issuer("c", "https://ims-stage")]),
+)
+def test_another_issuers_token_is_never_adopted(
+    policy: RefreshPolicy, lifetime_s: float, offset_s: float, other: Issuer
+) -> None:
+    """A token of another client, or of the same client at another IMS base URL, is never
+    adopted nor kept in a race, however fresh."""
+    tok = token(lifetime_s)
+    now = T0 + timedelta(seconds=offset_s)
+    assert not adoptable(tok, other, policy, now)
+    ours = replace(tok, client_id=other.client_id, ims_endpoint=other.ims_endpoint)
+    assert not outlives(tok, ours, now)
+
+
+@given(
+    held_s=lifetimes,
+    ours_s=lifetimes,
+    micros=st.integers(min_value=0, max_value=999_999),
+    offset_s=st.floats(min_value=0, max_value=3600),
+)
+def test_outlives_keeps_the_published_token_on_a_tie(
+    held_s: float, ours_s: float, micros: int, offset_s: float
+) -> None:
+    """In a write race the published token is kept when usable and expiring no earlier
+    than ours at whole-second precision (a tie goes to the token already there)."""
+    now = T0 + timedelta(seconds=offset_s)
+    held = token(held_s)
+    held = replace(held, expires_at=held.expires_at.replace(microsecond=0))
+    ours = replace(token(ours_s), value="w" * 20)
+    expected = usable(held, ISSUER, now) and held.expires_at >= ours.expires_at.replace(
+        microsecond=0
+    )
+    assert outlives(held, ours, now) == expected
+    same_second = replace(ours, expires_at=held.expires_at.replace(microsecond=micros))
+    assert outlives(held, same_second, now) == usable(held, ISSUER, now)
+
+
+def test_implausible_token_never_outlives_ours() -> None:
+    """A year-9999 token in a shared sink does not win a race, whatever it claims."""
+    forged = replace(token(3600), expires_at=T0.replace(year=9999))
+    assert not outlives(forged, token(3600), T0)
+
+
+def _wait_after(exc: BaseException, attempt: int, wait: RetryWait) -> float:
+    state = RetryCallState(Retrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = attempt
+    state.set_exception((type(exc), exc, None))
+    return wait(state)
+
+
+@given(
+    attempt=st.integers(min_value=1, max_value=50),
+    retry_after_s=st.floats(min_value=0, max_value=3600),
+)
+def test_retry_wait_honours_retry_after_of_a_transient_failure(
+    attempt: int, retry_after_s: float
+) -> None:
+    """The loop's retry wait is the backoff, but never sooner than a Transient's
+    Retry-After; a Rejected failure's Retry-After does not stretch it."""
+    wait = RetryWait(1.0, 60.0, random.Random(1))
+    transient = _wait_after(Transient("busy", retry_after_s=retry_after_s), attempt, wait)
+    assert transient >= retry_after_s
+    assert transient <= max(60.0, retry_after_s)
+    rejected = _wait_after(Rejected("no", retry_after_s=retry_after_s), attempt, wait)
+    assert rejected <= 60.0

@@ -18,12 +18,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from refresher.config import build_settings
-from refresher.credentials import load_credentials
-from refresher.errors import CredentialsError, ExchangeError, PublishError
+from refresher.credentials import Credentials
+from refresher.errors import CredentialsError, ExchangeError, PublishError, Rejected, Transient
 from refresher.health import HealthState
 from refresher.logs import SecretRegistry
 from refresher.metrics import Metrics
-from refresher.service import Service, Stopped
+from refresher.observer import Observer
+from refresher.service import Service, Stages, Stopped
+from refresher.sinks import Sink
 from refresher.sinks.file import FileSink
 from refresher.token import AccessToken
 from tests.fakes import FakeClock, FakeSleeper
@@ -39,10 +41,13 @@ class ScriptedIms:
         self.calls: list[datetime] = []
         self.fail_always: ExchangeError | None = None
 
-    def base_url(self, credentials: object) -> str:
-        return "https://ims.example"
+    def cancel(self) -> None:
+        pass
 
-    def exchange(self, credentials: object, now: Callable[[], datetime]) -> AccessToken:
+    def close(self) -> None:
+        pass
+
+    def exchange(self, credentials: Credentials, now: Callable[[], datetime]) -> AccessToken:
         sent = now()
         self.calls.append(sent)
         if self.fail_always is not None:
@@ -97,13 +102,14 @@ def make_service(
     credentials: Path,
     clock: FakeClock,
     ims: ScriptedIms,
-    extra_sinks: list[object] | None = None,
+    extra_sinks: list[Sink] | None = None,
     *,
     file_sink: bool = True,
     **flags: str,
 ) -> tuple[Service, FileSink, Metrics, HealthState, FakeSleeper]:
     raw: dict[str, str | None] = {
         "credentials": str(credentials),
+        "ims_endpoint": "https://ims.example",
         "token_dir": str(tmp_path / "tokens"),
         "watch_interval": "3600",
         **flags,
@@ -113,18 +119,9 @@ def make_service(
     metrics = Metrics(CollectorRegistry())
     health = HealthState(clock, stall_after_s=7200)
     sink = FileSink(tmp_path / "tokens", clock=clock)
-    service = Service(
-        settings,
-        clock=clock,
-        sleeper=sleeper,
-        client=ims,  # type: ignore[arg-type]
-        sinks=[*([sink] if file_sink else []), *(extra_sinks or [])],  # type: ignore[list-item]
-        metrics=metrics,
-        health=health,
-        secrets=SecretRegistry(),
-        rng=random.Random(7),
-        load=load_credentials,
-    )
+    sinks: list[Sink] = [*([sink] if file_sink else []), *(extra_sinks or [])]
+    stages = Stages(clock, sleeper, ims, sinks, SecretRegistry(), rng=random.Random(7))
+    service = Service(settings, stages, Observer(clock, metrics, health))
     return service, sink, metrics, health, sleeper
 
 
@@ -169,7 +166,7 @@ def test_failures_keep_the_last_good_token_until_it_expires(
         token = sink.read_current()
         if token is not None and not first_expiry:
             first_expiry.append(token.expires_at)
-            ims.fail_always = ExchangeError("IMS down", retryable=True, status=503)
+            ims.fail_always = Transient("IMS down", status=503)
         if first_expiry:
             current = sink.read_current()
             observed.append((health.readiness().ok, current.value if current else None))
@@ -193,9 +190,7 @@ def test_rejection_is_retried_slowly(tmp_path: Path, oauth_file: Path) -> None:
     """After invalid_client the loop pauses --permanent-retry-interval before trying again."""
     clock = FakeClock()
     ims = ScriptedIms(clock, 600)
-    ims.fail_always = ExchangeError(
-        "invalid_client", retryable=False, status=401, error="invalid_client"
-    )
+    ims.fail_always = Rejected("invalid_client", status=401, error="invalid_client")
     service, _, metrics, _, sleeper = make_service(
         tmp_path, oauth_file, clock, ims, permanent_retry_interval="300"
     )
@@ -304,7 +299,7 @@ def test_once_deadline_holds_against_a_retry_after_of_an_hour(
     not past it, and gives up with IMS's error (exit 1) after one request."""
     clock = FakeClock()
     ims = ScriptedIms(clock, 3600)
-    ims.fail_always = ExchangeError("throttled", retryable=True, status=429, retry_after_s=3600)
+    ims.fail_always = Transient("throttled", status=429, retry_after_s=3600)
     service, _, _, _, sleeper = make_service(
         tmp_path, oauth_file, clock, ims, retry_timeout="10", watch_interval="1"
     )
@@ -321,7 +316,7 @@ def test_once_records_the_starting_credentials(tmp_path: Path, oauth_file: Path)
     """Unchanged credentials are never taken for a change: no reload, no early request."""
     clock = FakeClock()
     ims = ScriptedIms(clock, 3600)
-    ims.fail_always = ExchangeError("throttled", retryable=True, status=429, retry_after_s=4)
+    ims.fail_always = Transient("throttled", status=429, retry_after_s=4)
     service, _, metrics, _, _ = make_service(
         tmp_path, oauth_file, clock, ims, retry_timeout="10", watch_interval="0.5"
     )
@@ -339,7 +334,7 @@ def test_stop_during_a_retry_wait_makes_no_further_exchange(
     """A stop while waiting out a backoff ends the wait and no IMS call follows."""
     clock = FakeClock()
     ims = ScriptedIms(clock, 3600)
-    ims.fail_always = ExchangeError("IMS down", retryable=True, status=503, retry_after_s=30)
+    ims.fail_always = Transient("IMS down", status=503, retry_after_s=30)
     service, _, _, _, sleeper = make_service(tmp_path, oauth_file, clock, ims, watch_interval="5")
     sleeper.on_sleep.append(lambda: service.stop() if ims.calls else None)
     if command == "run":
@@ -380,7 +375,7 @@ def test_a_forged_year_9999_token_in_a_sink_is_never_made_current(
     current: with IMS down the refresher is not ready (it would be "ready forever")."""
     clock = FakeClock()
     ims = ScriptedIms(clock, 3600)
-    ims.fail_always = ExchangeError("IMS down", retryable=True, status=503)
+    ims.fail_always = Transient("IMS down", status=503)
     forged = AccessToken(
         value="forged-" + "f" * 20,
         issued_at=clock.now() - timedelta(minutes=1),

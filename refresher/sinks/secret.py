@@ -8,9 +8,9 @@ the state we looked at, so the precondition and the content cannot disagree, and
 that users put on the Secret travel through untouched because they are in the
 object we read. A missing Secret is created (POST); it is never deleted and
 re-created, so readers never see it vanish. On a conflict we re-read and, if the
-other writer left a valid token of the same client that outlives ours, return it
-for the caller to adopt instead of overwriting it (Adobe throttles integrations
-that mint too many tokens).
+other writer left a token that outlives ours (`schedule.outlives`, the one adoption
+rule), return it for the caller to adopt instead of overwriting it (Adobe throttles
+integrations that mint too many tokens).
 
 Memory (the process must stay under 60 MiB RSS): importing any `kubernetes`
 submodule runs the package `__init__`, which loads the config loaders, pydantic,
@@ -38,6 +38,8 @@ from typing import Any
 
 from refresher.clock import Clock
 from refresher.errors import ConfigError, PublishError
+from refresher.logs import redact
+from refresher.schedule import outlives
 from refresher.token import AccessToken, rfc3339
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
@@ -163,7 +165,7 @@ class SecretSink:
                 held = _held_token(current, self._clock.now())
                 if held is not None and _same(held, token):
                     return token  # already there (e.g. our previous write's reply was lost)
-                if held is not None and _outlives(held, token, self._clock):
+                if held is not None and outlives(held, token, self._clock.now()):
                     _log.info(
                         "another writer published a newer token to the Secret; adopting it",
                         extra={"secret": self.secret_name, "namespace": self.namespace},
@@ -429,21 +431,6 @@ def _same(held: AccessToken, token: AccessToken) -> bool:
     return held.value == token.value and held.expires_at == _as_published(token.expires_at)
 
 
-def _outlives(held: AccessToken, token: AccessToken, clock: Clock) -> bool:
-    """Adopt a valid token of the same client that expires no earlier than ours.
-
-    At the published (whole-second) precision, a tie goes to the token already in the
-    Secret: two replicas that minted within the same second must not overwrite each
-    other (the reliability storm saw a newer token replaced by one minted ms earlier).
-    """
-    return (
-        held.client_id == token.client_id
-        and held.ims_endpoint == token.ims_endpoint
-        and held.is_valid(clock.now())
-        and held.expires_at >= _as_published(token.expires_at)
-    )
-
-
 def _as_published(instant: datetime) -> datetime:
     return instant.replace(microsecond=0)
 
@@ -502,6 +489,5 @@ def _short(exc: object) -> str:
 
 def _redact(text: str, token: AccessToken | None) -> str:
     """An apiserver message, one line, capped, with our token scrubbed (defence in depth)."""
-    if token is not None and token.value:
-        text = text.replace(token.value, "<redacted>")
+    text = redact(text, [token.value] if token is not None and token.value else [])
     return " ".join(text.split())[:_MAX_DETAIL]
