@@ -246,7 +246,7 @@ def load_documents(text: str, source: str) -> list[Any]:
         except RecursionError:
             raise UsageError(f"{source}: nested too deeply") from None
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=_kubernetes_loader()))
     except yaml.YAMLError as exc:
         # The problem and its place only: the context would quote the input (maybe a Secret).
         mark = getattr(exc, "problem_mark", None)
@@ -256,6 +256,65 @@ def load_documents(text: str, source: str) -> list[Any]:
     except RecursionError:
         raise UsageError(f"{source}: nested too deeply") from None
     return [document for document in documents if document is not None]
+
+
+# Plain scalars as Kubernetes reads them (go-yaml v2 under sigs.k8s.io/yaml), not as
+# PyYAML's YAML 1.1 does: `y`/`n` are bools, `080` and `1e3` floats, `0o17` an int,
+# while `1:20` (sexagesimal to PyYAML), `=` and timestamps stay strings. Otherwise
+# `inject` would read a manifest differently from kubectl and write that reading back.
+_GO_BOOL = r"y|Y|yes|Yes|YES|n|N|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF"
+_GO_INT = r"[-+]?(0[bB][01_]+|0[oO][0-7_]+|0[xX][0-9a-fA-F_]+|0[0-7_]*|[1-9][0-9_]*)"
+_GO_FLOAT = (
+    r"[-+]?(\.[0-9_]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9_]+)?"
+    r"|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)|\.[0-9_]*([eE][-+]?[0-9_]+)?"
+)
+
+
+def _kubernetes_loader() -> Any:
+    import re  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    loader: Any = type("KubernetesLoader", (yaml.SafeLoader,), {})
+    loader.yaml_implicit_resolvers = {}
+    digits = list("-+0123456789.")
+    for tag, pattern, first in (
+        ("bool", _GO_BOOL, list("yYnNtTfFoO")),
+        ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
+        ("int", _GO_INT, digits),
+        ("float", _GO_FLOAT, digits),
+        ("merge", r"<<", ["<"]),
+    ):
+        regexp = re.compile(f"^(?:{pattern})$")
+        loader.add_implicit_resolver(f"tag:yaml.org,2002:{tag}", regexp, first)
+
+    def construct_bool(self: Any, node: Any) -> bool:
+        return str(self.construct_scalar(node)).lower() in ("y", "yes", "true", "on")
+
+    def construct_int(self: Any, node: Any) -> int | str:
+        text = str(self.construct_scalar(node))
+        plain = text.replace("_", "")
+        unsigned = plain.lstrip("+-")
+        try:
+            if len(unsigned) > 1 and unsigned[0] == "0" and unsigned[1].isdigit():
+                return int(plain, 8)  # Go: a leading 0 is octal
+            return int(plain, 0)
+        except ValueError:  # "0x_": Go reads no number either
+            return text
+
+    def construct_float(self: Any, node: Any) -> float | str:
+        text = str(self.construct_scalar(node))
+        plain = text.replace("_", "")
+        special = {".inf": "inf", "+.inf": "inf", "-.inf": "-inf", ".nan": "nan"}
+        try:
+            return float(special.get(plain.lower(), plain))
+        except ValueError:  # ".": a string to Go too
+            return text
+
+    loader.add_constructor("tag:yaml.org,2002:bool", construct_bool)
+    loader.add_constructor("tag:yaml.org,2002:int", construct_int)
+    loader.add_constructor("tag:yaml.org,2002:float", construct_float)
+    return loader
 
 
 class _Octal(int):

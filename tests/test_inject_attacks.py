@@ -233,6 +233,29 @@ def test_cli_output_round_trips_a_yaml_1_1_minefield() -> None:
         assert f": {value}\n" not in result.stdout
 
 
+def test_cli_reads_plain_scalars_as_kubectl_does() -> None:
+    """Plain YAML scalars mean what go-yaml v2 makes of them, in and out of `inject`.
+
+    PyYAML's YAML 1.1 reads `1:20` as 80 (base 60), `=` as an error and reformats
+    timestamps; kubectl reads them as the strings written, `y` as true, `080` as 80.
+    """
+    text = (
+        "kind: ConfigMap\nmetadata: {name: c}\n"
+        "data: {a: 1:20, b: =, c: 2001-12-14 21:59:43.10 -5, d: 2001-12-14}\n"
+        "spec: {e: y, f: 080, g: 0o17, h: 0755, i: 1_000, j: Off}\n"
+    )
+    result = refresher("inject", stdin=text)
+    assert result.returncode == 0, result.stderr
+    output = yaml.safe_load(result.stdout)
+    assert output["data"] == {
+        "a": "1:20",
+        "b": "=",
+        "c": "2001-12-14 21:59:43.10 -5",
+        "d": "2001-12-14",
+    }
+    assert output["spec"] == {"e": True, "f": 80, "g": 15, "h": 0o755, "i": 1000, "j": False}
+
+
 # --- inputs `refresher inject` cannot hold --------------------------------------
 
 
