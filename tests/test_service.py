@@ -9,7 +9,9 @@ test_cli_e2e.py and test_ims_client.py.
 
 from __future__ import annotations
 
+import logging
 import random
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -396,3 +398,47 @@ def test_a_forged_year_9999_token_in_a_sink_is_never_made_current(
         None,
         0.0,
     )
+
+
+def _documented_events() -> list[str]:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    table = doc.split("| `event` | when |", 1)[1].split("\n\n", 1)[0]
+    return re.findall(r"^\| `([a-z_]+)` \| ", table, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("event", _documented_events())
+def test_every_documented_event_is_emitted_by_the_code(event: str) -> None:
+    """Each `event` in docs/operations.md is one the observer or the app writes."""
+    package = Path(__file__).resolve().parent.parent / "refresher"
+    sources = (package / "observer.py").read_text() + (package / "app.py").read_text()
+    assert f'"{event}"' in sources
+
+
+def test_a_refresh_cycle_logs_its_events(
+    tmp_path: Path, oauth_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mint, its publish, the schedule, a failure and the stop each log their event."""
+    caplog.set_level(logging.INFO, logger="refresher")
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 3600)
+    ims.script.append(Transient("IMS down", status=503))
+    service, _, _, _, sleeper = make_service(tmp_path, oauth_file, clock, ims)
+    stop_after(service, clock, sleeper, 60)
+    assert service.run() == 0
+    events = [getattr(r, "event", None) for r in caplog.records]
+    for expected in (
+        "refresh_failed",
+        "retry_scheduled",
+        "token_minted",
+        "published",
+        "refresh_scheduled",
+        "stopped",
+    ):
+        assert expected in events
+    assert events.index("token_minted") < events.index("published")
+    first, _, _, _, _ = make_service(tmp_path / "b", oauth_file, clock, ims)
+    assert first.once() == 0
+    again, _, _, _, _ = make_service(tmp_path / "b", oauth_file, clock, ims)
+    caplog.clear()
+    assert again.once() == 0
+    assert "token_adopted" in [getattr(r, "event", None) for r in caplog.records]
