@@ -115,6 +115,46 @@ def test_ordinary_token_paths_still_work(path: str) -> None:
     assert app["volumeMounts"][-1]["mountPath"] == path
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/var/run//adobe-ims",
+        "/var/run/x/../adobe-ims/",
+        "//var/run/adobe-ims/sub",
+        "var/run/adobe-ims",
+    ],
+)
+def test_a_mount_at_token_path_written_another_way_is_refused(path: str) -> None:
+    """The collision check compares normalized paths, as the runtime does."""
+    template = pod(credentials_secret="c")
+    template["spec"]["containers"][0]["volumeMounts"] = [{"name": "v", "mountPath": path}]
+    assert "already mounts volume v" in refused(template)
+
+
+def test_a_block_device_at_token_path_is_refused() -> None:
+    """A volumeDevices entry at token-path collides like a mount."""
+    template = pod(credentials_secret="c")
+    template["spec"]["containers"][0]["volumeDevices"] = [
+        {"name": "disk", "devicePath": "/var/run/adobe-ims"}
+    ]
+    assert "already mounts volume disk" in refused(template)
+
+
+@pytest.mark.parametrize("volume", ["ims-token-refresher-credentials", "ims-token-refresher-token"])
+@pytest.mark.parametrize("key", ["initContainers", "containers"])
+def test_a_container_that_mounts_an_injected_volume_is_refused(volume: str, key: str) -> None:
+    """A template naming an injected volume would get the credentials, or the token writable."""
+    template = pod(credentials_secret="c")
+    container = {
+        "name": "sneaky",
+        "image": "x",
+        "volumeMounts": [{"name": volume, "mountPath": "/x"}],
+    }
+    template["spec"][key] = [*template["spec"].get(key, []), container]
+    message = refused(template)
+    assert f"volume name {volume} is already taken" in message and "sneaky" in message
+
+
 # --- pods whose process or network namespace breaks the refresher's isolation ---
 
 

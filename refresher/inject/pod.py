@@ -311,14 +311,16 @@ def _with_mount(container: Obj, mount: Obj, token_path: str) -> Obj:
     """A copy of `container` that also mounts the token volume (read-only) at token-path."""
     name = container.get("name")
     mounts = _objects(container, "volumeMounts", f"container {shown(name)}")
-    for existing in mounts:
+    devices = _objects(container, "volumeDevices", f"container {shown(name)}")
+    for existing, key in [(m, "mountPath") for m in mounts] + [(d, "devicePath") for d in devices]:
         # Replacing that mount would hide the user's volume; skipping the container
-        # would leave it without a token in a pod that looks injected: refuse.
-        path = str(existing.get("mountPath", "")).rstrip("/")
+        # would leave it without a token in a pod that looks injected: refuse. The
+        # API server compares paths as strings, the runtime after normalizing them.
+        path = posixpath.normpath("/" + str(existing.get(key, "")).lstrip("/"))
         if _within(path, token_path):
             raise Refused(
                 f"container {shown(name)} already mounts volume {shown(existing.get('name'))}"
-                f" at {shown(existing.get('mountPath'))}"
+                f" at {shown(existing.get(key))}"
                 f" (annotation {PREFIX}{TOKEN_PATH}: {token_path})"
             )
     # The kubelet mounts a file there: inside a read-only volume it could not.
@@ -338,14 +340,24 @@ def _check_collisions(spec: Mapping[str, Any]) -> None:
     taken = set(_names(spec, "volumes")) & {CREDENTIALS_VOLUME, TOKEN_VOLUME}
     if taken:
         raise Refused(f"volume name {sorted(taken)[0]} is already taken")
-    for key in ("initContainers", "containers"):
+    for key in ("initContainers", "containers", "ephemeralContainers"):
         for container in _objects(spec, key, "spec"):
-            for port in _objects(container, "ports", f"container {shown(container.get('name'))}"):
-                if port.get("containerPort") == PROBE_PORT:
-                    raise Refused(
-                        f"port {PROBE_PORT} (the refresher's probe port) is already declared"
-                        f" by container {shown(container.get('name'))}"
-                    )
+            _check_container(container)
+
+
+def _check_container(container: Obj) -> None:
+    """Neither the probe port nor either volume name (the pod would, once injected, give
+    this container the credentials, or the token read-write) already in use."""
+    where = f"container {shown(container.get('name'))}"
+    for port in _objects(container, "ports", where):
+        if port.get("containerPort") == PROBE_PORT:
+            raise Refused(
+                f"port {PROBE_PORT} (the refresher's probe port) is already declared by {where}"
+            )
+    for key in ("volumeMounts", "volumeDevices"):
+        for mount in _objects(container, key, where):
+            if mount.get("name") in (CREDENTIALS_VOLUME, TOKEN_VOLUME):
+                raise Refused(f"volume name {mount['name']} is already taken (in {key} of {where})")
 
 
 def _check_pod_level(spec: Mapping[str, Any], options: Options) -> None:
