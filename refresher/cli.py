@@ -17,6 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from refresher import __version__
+from refresher.config import flag_defaults
 from refresher.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, ConfigError, RefresherError
 
 if TYPE_CHECKING:
@@ -31,15 +32,24 @@ _ENV_WE_SET = {"REFRESHER_EXPIRES_AT"}
 class Flag:
     name: str
     help: str
+    """What it does; the default is added from `Settings` (see `described`)."""
     metavar: str | None = None
     boolean: bool = False
+
+    @property
+    def env(self) -> str:
+        return _env_name(self.name)
+
+    @property
+    def described(self) -> str:
+        """The help text with the default that `Settings` declares for this flag."""
+        default = flag_defaults().get(self.name)
+        return f"{self.help} [{default}]" if default is not None else self.help
 
 
 _CREDENTIALS = [
     Flag("credentials", "credentials file, or a mounted Secret directory (required)", "PATH"),
-    Flag(
-        "flow", "auto (JWT when a private key is present, else OAuth), jwt or oauth [auto]", "FLOW"
-    ),
+    Flag("flow", "auto (JWT when a private key is present, else OAuth), jwt or oauth", "FLOW"),
     Flag(
         "ims-endpoint",
         "IMS host or URL [from the credentials, else ims-na1.adobelogin.com]",
@@ -57,40 +67,40 @@ _EXCHANGE = [
         "allow-insecure-http", "permit a plain http:// IMS endpoint (emulator, tests)", boolean=True
     ),
     Flag("ca-bundle", "extra CA certificates (PEM) to trust for IMS", "PATH"),
-    Flag("jwt-ttl", "lifetime of the signed JWT assertion, seconds [300]", "S"),
-    Flag("connect-timeout", "IMS connect timeout, seconds [5]", "S"),
+    Flag("jwt-ttl", "lifetime of the signed JWT assertion, seconds", "S"),
+    Flag("connect-timeout", "IMS connect timeout, seconds", "S"),
     Flag(
         "read-timeout",
-        "IMS read timeout, seconds [15]; connect plus read timeout bound the whole exchange",
+        "IMS read timeout, seconds; connect plus read timeout bound the whole exchange",
         "S",
     ),
     Flag(
         "min-token-lifetime",
-        "a token granted for less than this is a bad answer, retried, never published, seconds [1]",
+        "a token granted for less than this is a bad answer, retried, never published, seconds",
         "S",
     ),
-    Flag("backoff-initial", "first retry delay after a transient failure, seconds [1]", "S"),
-    Flag("backoff-max", "cap of the exponential backoff, seconds [60]", "S"),
+    Flag("backoff-initial", "first retry delay after a transient failure, seconds", "S"),
+    Flag("backoff-max", "cap of the exponential backoff, seconds", "S"),
     Flag(
         "permanent-retry-interval",
-        "pause after IMS rejected the credentials, seconds [300]; a credentials change ends it",
+        "pause after IMS rejected the credentials, seconds; a credentials change ends it",
         "S",
     ),
 ]
 _OUTPUT = [
     Flag("token-dir", "publish access_token, expires_at, token.json here (..data swap)", "DIR"),
-    Flag("file-mode", "mode of the published files, octal [0440]", "MODE"),
+    Flag("file-mode", "mode of the published files, octal", "MODE"),
     Flag("secret", "publish to this Kubernetes Secret", "NAME"),
     Flag("secret-namespace", "namespace of --secret [the pod's]", "NS"),
     Flag("on-refresh", "run CMD (no shell) after each publish", "CMD"),
-    Flag("on-refresh-timeout", "kill --on-refresh after this many seconds [30]", "S"),
+    Flag("on-refresh-timeout", "kill --on-refresh after this many seconds", "S"),
 ]
 _SCHEDULE = [
-    Flag("refresh-ratio", "refresh when this fraction of the lifetime has passed [0.8]", "R"),
-    Flag("jitter", "... earlier by a random fraction of the lifetime up to this [0.1]", "J"),
-    Flag("watch-interval", "stat the credentials for changes this often, seconds [5]", "S"),
+    Flag("refresh-ratio", "refresh when this fraction of the lifetime has passed", "R"),
+    Flag("jitter", "... earlier by a random fraction of the lifetime up to this", "J"),
+    Flag("watch-interval", "stat the credentials for changes this often, seconds", "S"),
 ]
-_ONCE = [Flag("retry-timeout", "give up retrying after this many seconds [120]", "S")]
+_ONCE = [Flag("retry-timeout", "give up retrying after this many seconds", "S")]
 _CHECK = [
     Flag(
         "online",
@@ -98,14 +108,10 @@ _CHECK = [
         boolean=True,
     )
 ]
-_SERVER = [
-    Flag(
-        "listen", "HOST:PORT of /healthz, /readyz, /metrics; empty disables [0.0.0.0:9876]", "ADDR"
-    )
-]
+_SERVER = [Flag("listen", "HOST:PORT of /healthz, /readyz, /metrics; empty disables", "ADDR")]
 _LOGGING = [
-    Flag("log-format", "json or text [json]", "FORMAT"),
-    Flag("log-level", "debug, info, warning or error [info]", "LEVEL"),
+    Flag("log-format", "json or text", "FORMAT"),
+    Flag("log-level", "debug, info, warning or error", "LEVEL"),
 ]
 
 COMMANDS: dict[str, tuple[str, list[Flag]]] = {
@@ -126,6 +132,23 @@ COMMANDS: dict[str, tuple[str, list[Flag]]] = {
         _CREDENTIALS + _EXCHANGE + _LOGGING,
     ),
 }
+
+
+def configuration_table() -> str:
+    """The README's configuration table: every flag of run, once, check and token."""
+    commands: dict[str, list[str]] = {}
+    flags: dict[str, Flag] = {}
+    for command, (_, command_flags) in COMMANDS.items():
+        for flag in command_flags:
+            flags.setdefault(flag.name, flag)
+            commands.setdefault(flag.name, []).append(command)
+    rows = ["| flag | environment | commands | meaning [default] |", "|---|---|---|---|"]
+    rows += [
+        f"| `--{name}` | `{flag.env}` | {', '.join(commands[name])} | {flag.described} |"
+        for name, flag in flags.items()
+    ]
+    return "\n".join(rows) + "\n"
+
 
 EXIT_CODES = """exit codes:
   0  success
@@ -166,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         for flag in flags:
-            help_text = f"{flag.help} (env {_env_name(flag.name)})"
+            help_text = f"{flag.described} (env {flag.env})"
             if flag.boolean:
                 sub.add_argument(
                     f"--{flag.name}", action="store_true", default=None, help=help_text

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
@@ -33,21 +33,28 @@ Flow = Literal["auto", "jwt", "oauth"]
 T = TypeVar("T")
 
 
+def _flag(name: str, shown: str | None = None) -> dict[str, str | None]:
+    """The metadata of a setting's field: its flag, and its default as the help text and
+    the README's table show it (`shown`, else the field's default as written). The
+    defaults live on the fields below and nowhere else."""
+    return {"flag": name, "shown": shown}
+
+
 @dataclass(frozen=True)
 class ImsSettings:
-    endpoint: str | None
+    endpoint: str | None = field(default=None, metadata=_flag("ims-endpoint"))
     """`--ims-endpoint` as given (host or URL); None: from the credentials, else the default."""
-    allow_insecure_http: bool
+    allow_insecure_http: bool = field(default=False, metadata=_flag("allow-insecure-http"))
     """Plain http:// is refused unless this is set (the emulator, local tests)."""
-    ca_bundle: Path | None
+    ca_bundle: Path | None = field(default=None, metadata=_flag("ca-bundle"))
     """Extra CA bundle (PEM) trusted in addition to nothing else: requests' `verify=`."""
-    jwt_ttl_s: int
+    jwt_ttl_s: int = field(default=300, metadata=_flag("jwt-ttl"))
     """Lifetime of the signed JWT assertion (its `exp` claim), integer seconds."""
-    connect_timeout_s: float
-    read_timeout_s: float
-    audience: str | None = None
+    connect_timeout_s: float = field(default=5.0, metadata=_flag("connect-timeout"))
+    read_timeout_s: float = field(default=15.0, metadata=_flag("read-timeout"))
+    audience: str | None = field(default=None, metadata=_flag("ims-audience"))
     """`--ims-audience` as a base URL: replaces the endpoint's base in `aud` and metascopes."""
-    min_token_lifetime_s: float = 1.0
+    min_token_lifetime_s: float = field(default=1.0, metadata=_flag("min-token-lifetime"))
     """A token IMS grants for less than this is a bad answer (retried, never published)."""
 
     def base_url(self, credentials_endpoint: str | None) -> str:
@@ -58,48 +65,61 @@ class ImsSettings:
 
 @dataclass(frozen=True)
 class ScheduleSettings:
-    refresh_ratio: float
+    refresh_ratio: float = field(default=0.8, metadata=_flag("refresh-ratio"))
     """Refresh when this fraction of the token lifetime has passed."""
-    jitter: float
+    jitter: float = field(default=0.1, metadata=_flag("jitter"))
     """... made earlier by a random fraction of the lifetime up to this."""
-    backoff_initial_s: float
-    backoff_max_s: float
+    backoff_initial_s: float = field(default=1.0, metadata=_flag("backoff-initial"))
+    backoff_max_s: float = field(default=60.0, metadata=_flag("backoff-max"))
     """Cap of the exponential backoff between retryable failures."""
-    permanent_retry_s: float
+    permanent_retry_s: float = field(default=300.0, metadata=_flag("permanent-retry-interval"))
     """Pause after IMS rejected the credentials (a credentials change ends it at once)."""
-    retry_timeout_s: float
+    retry_timeout_s: float = field(default=120.0, metadata=_flag("retry-timeout"))
     """`once`: give up after this long (exit 1)."""
-    watch_interval_s: float
+    watch_interval_s: float = field(default=5.0, metadata=_flag("watch-interval"))
     """How often the credentials are stat()ed for a change while sleeping."""
 
 
 @dataclass(frozen=True)
 class OutputSettings:
-    token_dir: Path | None
-    file_mode: int
-    secret_name: str | None
-    secret_namespace: str | None
-    on_refresh: tuple[str, ...]
-    on_refresh_timeout_s: float
+    token_dir: Path | None = field(default=None, metadata=_flag("token-dir"))
+    file_mode: int = field(default=0o440, metadata=_flag("file-mode", "0440"))
+    secret_name: str | None = field(default=None, metadata=_flag("secret"))
+    secret_namespace: str | None = field(default=None, metadata=_flag("secret-namespace"))
+    on_refresh: tuple[str, ...] = field(default=(), metadata=_flag("on-refresh"))
+    on_refresh_timeout_s: float = field(default=30.0, metadata=_flag("on-refresh-timeout"))
 
 
 @dataclass(frozen=True)
 class Settings:
-    credentials: Path
-    flow: Flow
-    ims: ImsSettings
-    schedule: ScheduleSettings
-    output: OutputSettings
-    listen: tuple[str, int] | None
-    log_format: Literal["json", "text"]
-    log_level: str
+    credentials: Path = field(default=Path(), metadata=_flag("credentials"))
+    flow: Flow = field(default="auto", metadata=_flag("flow"))
+    ims: ImsSettings = field(default_factory=ImsSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    listen: tuple[str, int] | None = field(
+        default=("0.0.0.0", 9876),  # noqa: S104 - kubelet must reach the probes
+        metadata=_flag("listen", "0.0.0.0:9876"),
+    )
+    log_format: Literal["json", "text"] = field(default="json", metadata=_flag("log-format"))
+    log_level: str = field(default="info", metadata=_flag("log-level"))
 
 
-def ims_base_url(endpoint: str | None, fallback: str | None = None) -> str:
-    """`https://host[:port]` from a host or URL: scheme and host only, as `@adobe/jwt-auth`
-    does. The one precedence rule: `endpoint` (--ims-endpoint) wins, then `fallback` (the
-    credentials' `imsEndpoint`), then Adobe's default host."""
-    endpoint = endpoint or fallback
+def flag_defaults() -> dict[str, str]:
+    """Flag name -> its default as the help text shows it, for settings that have one."""
+    shown: dict[str, str] = {}
+    for settings in (Settings, ImsSettings, ScheduleSettings, OutputSettings):
+        for item in fields(settings):
+            flag, text = item.metadata.get("flag"), item.metadata.get("shown")
+            default = item.default
+            if flag is None or default in (None, False, (), Path()):
+                continue
+            shown[flag] = text or (f"{default:g}" if isinstance(default, float) else str(default))
+    return shown
+
+
+def ims_base_url(endpoint: str | None) -> str:
+    """`https://host[:port]` from a host or URL: scheme and host only, as `@adobe/jwt-auth` does."""
     if not endpoint:
         return f"https://{DEFAULT_IMS_HOST}"
     text = endpoint.strip()
@@ -244,11 +264,17 @@ def _choice(*choices: str) -> Callable[[str], str]:
 def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Settings:
     """Typed settings from raw option strings (flag names with `_`). Raises ConfigError."""
     c = _Collector(raw)
-    credentials = c.get("credentials", Path, Path())
+    ims0, schedule0, output0, settings0 = (
+        ImsSettings(),
+        ScheduleSettings(),
+        OutputSettings(),
+        Settings(),
+    )
+    credentials = c.get("credentials", Path, settings0.credentials)
     c.require(str(credentials) not in ("", "."), "--credentials is required")
-    flow = c.get("flow", _choice("auto", "jwt", "oauth"), "auto")
+    flow = c.get("flow", _choice("auto", "jwt", "oauth"), str(settings0.flow))
     endpoint = raw.get("ims_endpoint") or None
-    allow_http = c.get("allow_insecure_http", parse_bool, False)
+    allow_http = c.get("allow_insecure_http", parse_bool, ims0.allow_insecure_http)
     if endpoint:
         try:
             problem = plain_http_problem(
@@ -257,7 +283,7 @@ def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Sett
             c.require(problem is None, problem or "")
         except ConfigError as exc:
             c.problems.append(str(exc))
-    ca_bundle = c.get("ca_bundle", Path, None)
+    ca_bundle = c.get("ca_bundle", Path, ims0.ca_bundle)
     if ca_bundle is not None:
         c.require(ca_bundle.is_file(), f"--ca-bundle {ca_bundle} is not a readable file")
     ims = ImsSettings(
@@ -265,34 +291,46 @@ def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Sett
         allow_insecure_http=allow_http,
         ca_bundle=ca_bundle,
         # IMS rejects JWTs that live longer than a day.
-        jwt_ttl_s=c.get("jwt_ttl", _whole_seconds(86400), 300),
-        connect_timeout_s=c.get("connect_timeout", _duration(MAX_TIMEOUT_S), 5.0),
-        read_timeout_s=c.get("read_timeout", _duration(MAX_TIMEOUT_S), 15.0),
-        audience=c.get("ims_audience", ims_base_url, None),
-        min_token_lifetime_s=c.get("min_token_lifetime", _seconds_up_to(86400.0), 1.0),
+        jwt_ttl_s=c.get("jwt_ttl", _whole_seconds(86400), ims0.jwt_ttl_s),
+        connect_timeout_s=c.get(
+            "connect_timeout", _duration(MAX_TIMEOUT_S), ims0.connect_timeout_s
+        ),
+        read_timeout_s=c.get("read_timeout", _duration(MAX_TIMEOUT_S), ims0.read_timeout_s),
+        audience=c.get("ims_audience", ims_base_url, ims0.audience),
+        min_token_lifetime_s=c.get(
+            "min_token_lifetime", _seconds_up_to(86400.0), ims0.min_token_lifetime_s
+        ),
     )
-    ratio = c.get("refresh_ratio", _fraction, 0.8)
+    ratio = c.get("refresh_ratio", _fraction, schedule0.refresh_ratio)
     c.require(ratio > 0, "--refresh-ratio must be > 0")
-    jitter = c.get("jitter", _fraction, 0.1)
+    jitter = c.get("jitter", _fraction, schedule0.jitter)
     c.require(jitter < ratio or ratio == 0, "--jitter must be smaller than --refresh-ratio")
     schedule = ScheduleSettings(
         refresh_ratio=ratio,
         jitter=jitter,
-        backoff_initial_s=c.get("backoff_initial", _duration(MAX_BACKOFF_S), 1.0),
-        backoff_max_s=c.get("backoff_max", _duration(MAX_BACKOFF_S), 60.0),
-        permanent_retry_s=c.get("permanent_retry_interval", _duration(MAX_PAUSE_S), 300.0),
-        retry_timeout_s=c.get("retry_timeout", _duration(MAX_PAUSE_S), 120.0),
-        watch_interval_s=c.get("watch_interval", _duration(MAX_WATCH_INTERVAL_S), 5.0),
+        backoff_initial_s=c.get(
+            "backoff_initial", _duration(MAX_BACKOFF_S), schedule0.backoff_initial_s
+        ),
+        backoff_max_s=c.get("backoff_max", _duration(MAX_BACKOFF_S), schedule0.backoff_max_s),
+        permanent_retry_s=c.get(
+            "permanent_retry_interval", _duration(MAX_PAUSE_S), schedule0.permanent_retry_s
+        ),
+        retry_timeout_s=c.get("retry_timeout", _duration(MAX_PAUSE_S), schedule0.retry_timeout_s),
+        watch_interval_s=c.get(
+            "watch_interval", _duration(MAX_WATCH_INTERVAL_S), schedule0.watch_interval_s
+        ),
     )
-    token_dir = c.get("token_dir", Path, None)
+    token_dir = c.get("token_dir", Path, output0.token_dir)
     secret_name = raw.get("secret") or None
     output = OutputSettings(
         token_dir=token_dir,
-        file_mode=c.get("file_mode", _mode, 0o440),
+        file_mode=c.get("file_mode", _mode, output0.file_mode),
         secret_name=secret_name,
         secret_namespace=raw.get("secret_namespace") or None,
-        on_refresh=c.get("on_refresh", _command, ()),
-        on_refresh_timeout_s=c.get("on_refresh_timeout", _duration(MAX_TIMEOUT_S), 30.0),
+        on_refresh=c.get("on_refresh", _command, output0.on_refresh),
+        on_refresh_timeout_s=c.get(
+            "on_refresh_timeout", _duration(MAX_TIMEOUT_S), output0.on_refresh_timeout_s
+        ),
     )
     if needs_output:
         c.require(
@@ -300,9 +338,11 @@ def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Sett
             "no output: give --token-dir and/or --secret",
         )
     listen_text = raw.get("listen")
-    listen = None if listen_text == "" else c.get("listen", _listen, ("0.0.0.0", 9876))  # noqa: S104
-    log_format = c.get("log_format", _choice("json", "text"), "json")
-    log_level = c.get("log_level", _choice("debug", "info", "warning", "error"), "info")
+    listen = None if listen_text == "" else c.get("listen", _listen, settings0.listen)
+    log_format = c.get("log_format", _choice("json", "text"), str(settings0.log_format))
+    log_level = c.get(
+        "log_level", _choice("debug", "info", "warning", "error"), settings0.log_level
+    )
     if c.problems:
         raise ConfigError("; ".join(c.problems))
     return Settings(

@@ -24,8 +24,10 @@ from refresher.token import AccessToken
 
 @dataclass(frozen=True)
 class RefreshPolicy:
-    refresh_ratio: float = 0.8
-    jitter: float = 0.1
+    """`--refresh-ratio` and `--jitter` (their defaults live on `ScheduleSettings`)."""
+
+    refresh_ratio: float
+    jitter: float
 
     def __post_init__(self) -> None:
         if not 0 < self.refresh_ratio < 1 or not 0 <= self.jitter < 1:

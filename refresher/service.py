@@ -122,7 +122,7 @@ class Service:
         self.policy = RefreshPolicy(settings.schedule.refresh_ratio, settings.schedule.jitter)
         self._publish_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._signature: tuple[object, ...] | None = None
+        self._signature: tuple[object, ...] = ()
         self._credentials_changed = False
         self._current: _Published | None = None
 
@@ -189,7 +189,7 @@ class Service:
     def _prepare(self) -> None:
         # The starting state of the credentials, before the first read: the first
         # watch check must not take the files as they were at start for a change.
-        self._signature = self._stat_credentials()
+        self._signature = change_signature(self.settings.credentials)
         for sink in self.sinks:
             sink.prepare()
 
@@ -461,11 +461,6 @@ class Service:
         by_wall = delay_until(current.due_at, self.clock.now())
         return max(0.0, min(by_wall, current.due_mono - self.clock.monotonic()))
 
-    def _stat_credentials(self) -> tuple[object, ...] | None:
-        try:
-            return change_signature(self.settings.credentials)
-        except (OSError, CredentialsError):
-            return None
 
     def _pause(self, seconds: float, *, until: datetime | None = None) -> None:
         """Sleep up to `seconds`, waking early for shutdown or a credentials change.
@@ -485,7 +480,7 @@ class Service:
                 return
             if self.sleeper.sleep(min(remaining, interval)):
                 return
-            signature = self._stat_credentials()
+            signature = change_signature(self.settings.credentials)
             if signature != self._signature:
                 self._signature = signature
                 self._credentials_changed = True

@@ -88,7 +88,7 @@ def test_adoptable_until_the_earliest_jittered_refresh() -> None:
 def test_token_from_the_far_future_is_not_adopted() -> None:
     """A token 'issued' an hour from now (clock skew, forgery) is not trusted for adoption."""
     tok = token(86400, issued=T0 + timedelta(hours=1))
-    assert not adoptable(tok, ISSUER, RefreshPolicy(), T0)
+    assert not adoptable(tok, ISSUER, RefreshPolicy(0.8, 0.1), T0)
 
 
 @given(
@@ -118,11 +118,11 @@ def test_implausible_tokens_are_not_adoptable() -> None:
     """Issued more than a few seconds ahead, or living longer than IMS grants (a year-9999
     expiry), is never adopted, however far its refresh seems."""
     assert not adoptable(
-        token(3600, issued=T0 + timedelta(seconds=30)), ISSUER, RefreshPolicy(), T0
+        token(3600, issued=T0 + timedelta(seconds=30)), ISSUER, RefreshPolicy(0.8, 0.1), T0
     )
-    assert not adoptable(token(49 * 3600), ISSUER, RefreshPolicy(), T0 + timedelta(hours=1))
+    assert not adoptable(token(49 * 3600), ISSUER, RefreshPolicy(0.8, 0.1), T0 + timedelta(hours=1))
     assert adoptable(
-        token(24 * 3600, issued=T0 + timedelta(seconds=2)), ISSUER, RefreshPolicy(), T0
+        token(24 * 3600, issued=T0 + timedelta(seconds=2)), ISSUER, RefreshPolicy(0.8, 0.1), T0
     )
 
 
