@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Hashable
 from pathlib import Path
 from typing import IO, Any
 
@@ -240,7 +241,7 @@ def load_documents(text: str, source: str) -> list[Any]:
 
     if text.lstrip().startswith(("{", "[")):
         try:
-            return [json.loads(text)]
+            return [json.loads(text, object_pairs_hook=_json_object)]
         except ValueError:
             pass  # YAML flow style looks the same: let the YAML parser decide
         except RecursionError:
@@ -268,6 +269,14 @@ _GO_FLOAT = (
     r"[-+]?(\.[0-9_]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9_]+)?"
     r"|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)|\.[0-9_]*([eE][-+]?[0-9_]+)?"
 )
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; a key twice goes to the YAML reader, which names its line."""
+    mapping = dict(pairs)
+    if len(mapping) < len(pairs):
+        raise ValueError("a key appears twice")
+    return mapping
 
 
 def _kubernetes_loader() -> Any:
@@ -314,7 +323,31 @@ def _kubernetes_loader() -> Any:
     loader.add_constructor("tag:yaml.org,2002:bool", construct_bool)
     loader.add_constructor("tag:yaml.org,2002:int", construct_int)
     loader.add_constructor("tag:yaml.org,2002:float", construct_float)
+    loader.construct_mapping = _unique_keys(loader.construct_mapping)
     return loader
+
+
+def _unique_keys(construct_mapping: Any) -> Any:
+    """A mapping with a key twice says two things; PyYAML keeps the last silently, a
+    reviewer may read the first (`inject: "false"` above `inject: "true"`): refused."""
+    import yaml  # noqa: PLC0415
+
+    def construct(self: Any, node: Any, deep: bool = False) -> Any:
+        # The keys written here, before merge keys (`<<: *base`, whose keys these may
+        # override) are flattened into the node.
+        written = [key for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge"]
+        mapping = construct_mapping(self, node, deep=deep)
+        seen: set[Any] = set()
+        for key_node in written:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return mapping
+
+    return construct
 
 
 class _Octal(int):

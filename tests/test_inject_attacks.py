@@ -296,6 +296,30 @@ def test_cli_reads_plain_scalars_as_kubectl_does() -> None:
     assert output["spec"] == {"e": True, "f": 80, "g": 15, "h": 0o755, "i": 1000, "j": False}
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A reviewer reads "false"; the parser keeps the last value.
+        'kind: Pod\nmetadata:\n  labels:\n    ims-token-refresher.io/inject: "false"\n'
+        '    ims-token-refresher.io/inject: "true"\n',
+        '{"kind": "Pod",\n "kind": "Deployment"}',
+        "a: {y: 1, true: 2}\n",  # one key to kubectl
+    ],
+)
+def test_cli_refuses_a_key_written_twice(text: str) -> None:
+    """A mapping with a key twice is ambiguous: exit 2, one line naming the line."""
+    result = refresher("inject", stdin=text)
+    assert result.returncode == 2 and "appears twice" in one_line(result.stderr)
+    assert "line" in result.stderr and not result.stdout
+
+
+def test_cli_merge_keys_may_be_overridden() -> None:
+    """A key that overrides one from a merge (`<<: *base`) is no duplicate."""
+    result = refresher("inject", stdin="b: &x {k: 1, j: 1}\nc: {<<: *x, k: 3}\n")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["c"] == {"k": 3, "j": 1}
+
+
 # --- inputs `refresher inject` cannot hold --------------------------------------
 
 
