@@ -8,7 +8,8 @@ A reader that opens `DIR/access_token` resolves `..data` once, so it sees the wh
 old snapshot or the whole new one, never a mix and never a partial file. Files are
 written and fsynced in the snapshot before the swap; the swap is a rename of a
 symlink over `..data` (rename(2) is atomic); the directory is fsynced after it.
-Only DIR is written: temporary names live inside it.
+Only DIR is written: temporary names live inside it. The layout itself (the names,
+what a snapshot is) is `refresher.atomic_dir`, which the credentials reader shares.
 
 DIR is shared with other containers (an emptyDir), so nothing found in it is trusted.
 Every operation inside it is relative to a descriptor of DIR opened without following
@@ -26,20 +27,25 @@ import json
 import logging
 import os
 import secrets
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from refresher.atomic_dir import (
+    DATA_LINK,
+    SNAPSHOT_PREFIX,
+    is_snapshot_name,
+    key_link,
+    read_regular,
+    snapshot_in,
+)
 from refresher.clock import Clock
 from refresher.errors import PublishError
 from refresher.token import AccessToken, parse_rfc3339
 
 log = logging.getLogger(__name__)
 
-DATA_LINK = "..data"
 PUBLISHED = ("access_token", "expires_at", "token.json")
 """The names of `AccessToken.published_files()`, each a stable symlink through `..data`."""
-_PREFIX = ".."  # snapshots and temporary links; everything else in DIR is not ours
 _DIR_MODE = 0o755  # DIR and parents we create: readers traverse, only we write
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_FILE_BYTES = 64 * 1024  # a published file is ~2 KiB; a bigger one is not ours
@@ -97,34 +103,12 @@ def _write_file(dir_fd: int, name: str, content: bytes, mode: int) -> None:
 
 
 def _read_file(dir_fd: int, name: str) -> bytes:
-    """A small regular file; anything else (a symlink, a FIFO, a huge file) is ValueError.
-    O_NONBLOCK: opening a FIFO planted there must not hang us."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    fd = os.open(name, flags, dir_fd=dir_fd)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_FILE_BYTES:
-            raise ValueError(f"{name} is not a small regular file")
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := os.read(fd, _MAX_FILE_BYTES + 1 - size):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > _MAX_FILE_BYTES:
-                raise ValueError(f"{name} is too big")
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _is_snapshot_name(name: str) -> bool:
-    """A `..`-prefixed entry directly inside DIR (no `/`, not `..` itself, not a link)."""
-    return (
-        name.startswith(_PREFIX)
-        and "/" not in name
-        and "\0" not in name
-        and name not in ("..", DATA_LINK)
-    )
+    """A small regular file; anything else (a symlink, a FIFO, a huge file) is ValueError
+    (or OSError). Opening a FIFO planted there does not hang us."""
+    data = read_regular(name, _MAX_FILE_BYTES, dir_fd=dir_fd, nofollow=True)
+    if len(data) > _MAX_FILE_BYTES:
+        raise ValueError(f"{name} is too big")
+    return data
 
 
 def _remove_entry(dir_fd: int, name: str, uid: int) -> str | None:
@@ -146,20 +130,25 @@ def _remove_entry(dir_fd: int, name: str, uid: int) -> str | None:
     else:
         return None
     try:
-        with _opened_dir(name, dir_fd) as fd:
-            owner = os.fstat(fd).st_uid
-            if owner != uid:
-                return f"a directory owned by uid {owner}, not by us"
-            for child in os.listdir(fd):  # noqa: PTH208 - by descriptor; pathlib has none
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(child, dir_fd=fd)
-        os.rmdir(name, dir_fd=dir_fd)
+        return _remove_flat_dir(dir_fd, name, uid)
     except FileNotFoundError:
         return None
     except IsADirectoryError:
         return "it holds a directory, unlike a snapshot"
     except OSError as exc:
         return exc.strerror or str(exc)
+
+
+def _remove_flat_dir(dir_fd: int, name: str, uid: int) -> str | None:
+    """Empty and remove the directory `name` if we own it; the reason if it stays."""
+    with _opened_dir(name, dir_fd) as fd:
+        owner = os.fstat(fd).st_uid
+        if owner != uid:
+            return f"a directory owned by uid {owner}, not by us"
+        for child in os.listdir(fd):  # noqa: PTH208 - by descriptor; pathlib has none
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(child, dir_fd=fd)
+    os.rmdir(name, dir_fd=dir_fd)
     return None
 
 
@@ -217,11 +206,9 @@ class FileSink:
 
     def _read_set(self, dir_fd: int) -> AccessToken:
         """Raises ValueError (or OSError) unless DIR holds one whole set written by us."""
-        target = os.readlink(DATA_LINK, dir_fd=dir_fd)
-        if not _is_snapshot_name(target):
-            raise ValueError("..data does not name a snapshot inside DIR")
+        target = snapshot_in(dir_fd)
         for name in PUBLISHED:
-            if os.readlink(name, dir_fd=dir_fd) != f"{DATA_LINK}/{name}":
+            if os.readlink(name, dir_fd=dir_fd) != key_link(name):
                 raise ValueError(f"{name} does not go through ..data")
         with _opened_dir(target, dir_fd) as snapshot_fd:
             if os.fstat(snapshot_fd).st_uid != self._uid:
@@ -247,7 +234,7 @@ class FileSink:
             # The stable names first (they dangle only before the very first swap), so
             # the swap below is the one step from the old complete set to the new one.
             for name in files:
-                self._ensure_link(dir_fd, name, f"{DATA_LINK}/{name}")
+                self._ensure_link(dir_fd, name, key_link(name))
             self._ensure_link(dir_fd, DATA_LINK, snapshot, always=True)
         except BaseException:
             _remove_entry(dir_fd, snapshot, self._uid)
@@ -257,7 +244,7 @@ class FileSink:
     def _new_snapshot(self, dir_fd: int) -> str:
         stamp = self.clock.now().strftime("%Y_%m_%d_%H_%M_%S")
         while True:
-            name = f"{_PREFIX}{stamp}.{secrets.token_hex(4)}"
+            name = f"{SNAPSHOT_PREFIX}{stamp}.{secrets.token_hex(4)}"
             try:
                 os.mkdir(name, 0o700, dir_fd=dir_fd)  # private until its files are complete
             except FileExistsError:
@@ -273,7 +260,7 @@ class FileSink:
             with contextlib.suppress(OSError):
                 if os.readlink(name, dir_fd=dir_fd) == target:
                     return
-        tmp = f"{_PREFIX}{name.lstrip('.')}.{secrets.token_hex(4)}.tmp"
+        tmp = f"{SNAPSHOT_PREFIX}{name.lstrip('.')}.{secrets.token_hex(4)}.tmp"
         os.symlink(target, tmp, dir_fd=dir_fd)
         try:
             try:
@@ -282,7 +269,7 @@ class FileSink:
                 # A directory planted as `..data` would block every publish; `..*` names
                 # are ours, so it goes like any leftover (if it can), then the swap again.
                 # A directory at a stable name is someone else's: that publish fails.
-                if not name.startswith(_PREFIX):
+                if not name.startswith(SNAPSHOT_PREFIX):
                     raise
                 reason = _remove_entry(dir_fd, name, self._uid)
                 if reason is not None:
@@ -308,7 +295,7 @@ class FileSink:
             self._report(".", exc.strerror or str(exc))
             return
         for name in names:
-            if not _is_snapshot_name(name) or name == current:
+            if not is_snapshot_name(name) or name == current:
                 continue
             reason = _remove_entry(dir_fd, name, self._uid)
             if reason is None:
