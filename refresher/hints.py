@@ -52,6 +52,16 @@ class _Rule:
     without: tuple[str, ...] = ()
     """Phrases that rule this diagnosis out."""
 
+    def matches(self, status: int | None, code: str, text: str) -> bool:
+        """`code` lower-case, `text` as `_normalized` makes it."""
+        if self.status is not None and self.status != status:
+            return False
+        if self.errors and code not in self.errors:
+            return False
+        if any(_has(text, phrase) for phrase in self.without):
+            return False
+        return all(any(_has(text, phrase) for phrase in group) for group in self.words)
+
 
 def _rule(
     kind: Kind,
@@ -170,16 +180,8 @@ def diagnose(status: int | None, error: str | None, description: str | None) -> 
     """The first rule that matches IMS's answer, or None: no hint rather than a wrong one."""
     code = (error or "").strip().lower()
     text = _normalized(description or "")
-    for rule in RULES:
-        if rule.status is not None and rule.status != status:
-            continue
-        if rule.errors and code not in rule.errors:
-            continue
-        if any(_has(text, phrase) for phrase in rule.without):
-            continue
-        if all(any(_has(text, phrase) for phrase in group) for group in rule.words):
-            return Diagnosis(rule.kind, rule.hint)
-    return None
+    rule = next((rule for rule in RULES if rule.matches(status, code, text)), None)
+    return Diagnosis(rule.kind, rule.hint) if rule is not None else None
 
 
 def hint_for(status: int | None, error: str | None, description: str | None) -> str | None:

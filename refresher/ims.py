@@ -1,4 +1,5 @@
-"""Talking to Adobe IMS: the request, the response, the error classifier, the retry policy.
+"""Talking to Adobe IMS: the request, the response, the error classifier, the retry decision
+(`can_retry`). How long to wait before the next attempt is the loop's (`schedule.RetryWait`).
 
 Every failure becomes one of the `ExchangeError` kinds here, at the boundary
 (`Rejected`, `Transient`, `LocalSetup`), carrying IMS's error, description, x-debug-id
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -24,28 +24,26 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
-from tenacity import RetryCallState
 
 from refresher.assertion import build_claims, sign
-from refresher.config import ImsSettings, ims_base_url
+from refresher.config import ImsSettings, plain_http_problem
 from refresher.credentials import Credentials
 from refresher.errors import ExchangeError, LocalSetup, Rejected, Transient
 from refresher.hints import diagnose
 from refresher.logs import redact
-from refresher.schedule import backoff_s
 from refresher.skew import RESOLUTION_S, SkewEstimate
 from refresher.token import MAX_LIFETIME, AccessToken
 from refresher.transport import MAX_BODY_BYTES, Transport, short
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_BODY_BYTES", "ImsClient", "RetryWait", "can_retry", "classify_response"]
+__all__ = ["MAX_BODY_BYTES", "ImsClient", "can_retry", "classify_response"]
 
 MAX_RETRY_AFTER_S = 3600.0
-# IMS tokens live 24 h. A lifetime beyond a year is garbage (a bad answer); between
-# MAX_LIFETIME (48 h) and a year it is clamped to MAX_LIFETIME, so that what we publish
-# is always something adoption accepts back.
-MAX_LIFETIME_S = 366 * 86400.0
+# A lifetime beyond a year is garbage (a bad answer, retried); one between
+# `token.MAX_LIFETIME` and a year is clamped to MAX_LIFETIME, so that what we publish is
+# always something adoption accepts back.
+GARBAGE_LIFETIME_S = 366 * 86400.0
 JWT_PATH = "/ims/exchange/jwt"
 OAUTH_PATH = "/ims/token/v3"
 SKEW_WARN_S = 30.0
@@ -114,21 +112,15 @@ def classify_response(
     error reaches stderr, where the logging filter does not run. The body itself is
     never echoed wholesale.
     """
-    error: str | None = None
-    description: str | None = None
 
     def clean(value: object, limit: int) -> str:
         return short(redact(str(value), sensitive), limit)
 
-    try:
-        document = json.loads(body)
-        if isinstance(document, dict):
-            raw_error = document.get("error")
-            raw_desc = document.get("error_description")
-            error = clean(raw_error, 80) if raw_error is not None else None
-            description = clean(raw_desc, 200) if raw_desc is not None else None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        pass
+    document = _json_object(body)
+    raw_error = document.get("error")
+    raw_desc = document.get("error_description")
+    error = clean(raw_error, 80) if raw_error is not None else None
+    description = clean(raw_desc, 200) if raw_desc is not None else None
     raw_debug_id = headers.get("x-debug-id")
     what = f"IMS answered HTTP {status}"
     if error:
@@ -150,6 +142,15 @@ def classify_response(
             what, retry_after_s=parse_retry_after(headers.get("Retry-After"), now), **fields
         )
     return Rejected(what, **fields)
+
+
+def _json_object(body: bytes) -> dict[str, object]:
+    """The body as a JSON object; empty if it is anything else (HTML, garbage, a list)."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    return document if isinstance(document, dict) else {}
 
 
 def _claims_lifetime(access_token: str) -> tuple[float, float] | None:
@@ -250,14 +251,21 @@ class ImsClient:
         self.transport.cancel()
 
     def base_url(self, credentials: Credentials) -> str:
-        """Flag wins, then the credentials' `imsEndpoint`, then Adobe's default host."""
-        return ims_base_url(self.settings.endpoint or credentials.ims_endpoint)
+        """IMS for these credentials (`ImsSettings.base_url`: the flag, the credentials,
+        Adobe's default)."""
+        return self.settings.base_url(credentials.ims_endpoint)
 
     def check_transport(self, base_url: str) -> None:
-        if base_url.startswith("http://") and not self.settings.allow_insecure_http:
-            raise LocalSetup(
-                f"refusing plain HTTP to {base_url}: pass --allow-insecure-http to permit it"
-            )
+        """`config.plain_http_problem`, raised as `LocalSetup`: the last guard before a
+        request (the loop and `check` refuse the same URL earlier, in the same words)."""
+        origin = (
+            "--ims-endpoint" if self.settings.endpoint else "the IMS endpoint in the credentials"
+        )
+        problem = plain_http_problem(
+            base_url, allow_insecure_http=self.settings.allow_insecure_http, origin=origin
+        )
+        if problem is not None:
+            raise LocalSetup(problem)
 
     def exchange(self, credentials: Credentials, now: Callable[[], datetime]) -> AccessToken:
         """One attempt (all client secrets in turn on `invalid_client`). Raises ExchangeError."""
@@ -425,7 +433,7 @@ class ImsClient:
         lifetime_s = self._lifetime_s(access_token, expires_in * unit_s, sent_at)
         if lifetime_s <= 0:
             raise bad("with a token that is already expired (check the clock)")
-        if lifetime_s > MAX_LIFETIME_S:
+        if lifetime_s > GARBAGE_LIFETIME_S:
             raise bad(f"with an implausible lifetime of {lifetime_s:g}s")
         if lifetime_s < self.settings.min_token_lifetime_s:
             raise bad(
@@ -464,20 +472,3 @@ class ImsClient:
                 lifetime_s,
             )
         return lifetime_s
-
-
-class RetryWait:
-    """tenacity wait: exponential backoff with full jitter, but never sooner than Retry-After."""
-
-    def __init__(self, initial_s: float, cap_s: float, rng: random.Random) -> None:
-        self.initial_s = initial_s
-        self.cap_s = cap_s
-        self.rng = rng
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        delay = backoff_s(retry_state.attempt_number, self.initial_s, self.cap_s, self.rng.random())
-        outcome = retry_state.outcome
-        exc = outcome.exception() if outcome is not None else None
-        if isinstance(exc, ExchangeError) and exc.retry_after_s is not None:
-            delay = max(delay, exc.retry_after_s)
-        return delay

@@ -168,7 +168,13 @@ class TextFormatter(logging.Formatter):
 def setup_logging(
     fmt: str, level: str, registry: SecretRegistry, stream: TextIO | None = None
 ) -> None:
-    """Configure the `refresher` logger tree (and only it) once, from the composition root."""
+    """Send every log record of the process to one redacting handler on `stream` (stdout).
+
+    This replaces the root logger's handlers (anyone's, a library's or a test's), so
+    call it once, from the composition root. The root logger stays at warning, so
+    third parties log warnings and worse only; the `refresher` tree logs at `level`.
+    Python's `warnings` are routed through logging too.
+    """
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactingFilter(registry))

@@ -433,8 +433,13 @@ def test_skew_is_measured_from_error_answers_too(
 
 
 def test_plain_http_without_the_flag_is_a_local_setup_error() -> None:
-    """http:// without --allow-insecure-http: LocalSetup (exit 1, not retried)."""
+    """http:// without --allow-insecure-http: LocalSetup (exit 1, not retried), in the words
+    of `config.plain_http_problem` that `check` and the loop use."""
     client = ImsClient(build_settings({"credentials": "x"}, needs_output=False).ims)
     with pytest.raises(LocalSetup, match="allow-insecure-http") as info:
         client.check_transport("http://127.0.0.1:9")
     assert (info.value.retryable, info.value.exit_code) == (False, 1)
+    assert str(info.value) == (
+        "the IMS endpoint in the credentials http://127.0.0.1:9 is plain HTTP: "
+        "pass --allow-insecure-http to permit it"
+    )
