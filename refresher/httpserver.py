@@ -213,7 +213,8 @@ class HttpServer:
     def _serve(self) -> None:
         try:
             while not self._stopping:
-                # No deadline pending: sleep until a connection arrives (idle costs no wake-ups).
+                # Requests still buffered are answered without sleeping; otherwise sleep until
+                # the next deadline, or with none pending until a client comes (idle is free).
                 turns = list(self._backlog)
                 timeout = 0.0 if turns else self._next_timeout()
                 for key, _ in self._selector.select(timeout):
@@ -343,7 +344,7 @@ class HttpServer:
             # Linux takes the descriptor before it looks for a connection: with the last one
             # just used, the next accept fails although nobody waits. Nothing to make room for.
             return
-        self._log(logging.WARNING, "out of file descriptors: dropping the quietest connection")
+        self._log(logging.WARNING, "out of file descriptors: closing a connection to accept one")
         if self._conns:
             self._counts["evicted"] += 1
             self._close(self._victim())
