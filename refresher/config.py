@@ -262,87 +262,24 @@ def _choice(*choices: str) -> Callable[[str], str]:
 
 
 def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Settings:
-    """Typed settings from raw option strings (flag names with `_`). Raises ConfigError."""
+    """Typed settings from raw option strings (flag names with `_`). Raises ConfigError
+    with every problem found, in one line."""
     c = _Collector(raw)
-    ims0, schedule0, output0, settings0 = (
-        ImsSettings(),
-        ScheduleSettings(),
-        OutputSettings(),
-        Settings(),
-    )
-    credentials = c.get("credentials", Path, settings0.credentials)
+    default = Settings()
+    credentials = c.get("credentials", Path, default.credentials)
     c.require(str(credentials) not in ("", "."), "--credentials is required")
-    flow = c.get("flow", _choice("auto", "jwt", "oauth"), str(settings0.flow))
-    endpoint = raw.get("ims_endpoint") or None
-    allow_http = c.get("allow_insecure_http", parse_bool, ims0.allow_insecure_http)
-    if endpoint:
-        try:
-            problem = plain_http_problem(
-                ims_base_url(endpoint), allow_insecure_http=allow_http, origin="--ims-endpoint"
-            )
-            c.require(problem is None, problem or "")
-        except ConfigError as exc:
-            c.problems.append(str(exc))
-    ca_bundle = c.get("ca_bundle", Path, ims0.ca_bundle)
-    if ca_bundle is not None:
-        c.require(ca_bundle.is_file(), f"--ca-bundle {ca_bundle} is not a readable file")
-    ims = ImsSettings(
-        endpoint=endpoint,
-        allow_insecure_http=allow_http,
-        ca_bundle=ca_bundle,
-        # IMS rejects JWTs that live longer than a day.
-        jwt_ttl_s=c.get("jwt_ttl", _whole_seconds(86400), ims0.jwt_ttl_s),
-        connect_timeout_s=c.get(
-            "connect_timeout", _duration(MAX_TIMEOUT_S), ims0.connect_timeout_s
-        ),
-        read_timeout_s=c.get("read_timeout", _duration(MAX_TIMEOUT_S), ims0.read_timeout_s),
-        audience=c.get("ims_audience", ims_base_url, ims0.audience),
-        min_token_lifetime_s=c.get(
-            "min_token_lifetime", _seconds_up_to(86400.0), ims0.min_token_lifetime_s
-        ),
-    )
-    ratio = c.get("refresh_ratio", _fraction, schedule0.refresh_ratio)
-    c.require(ratio > 0, "--refresh-ratio must be > 0")
-    jitter = c.get("jitter", _fraction, schedule0.jitter)
-    c.require(jitter < ratio or ratio == 0, "--jitter must be smaller than --refresh-ratio")
-    schedule = ScheduleSettings(
-        refresh_ratio=ratio,
-        jitter=jitter,
-        backoff_initial_s=c.get(
-            "backoff_initial", _duration(MAX_BACKOFF_S), schedule0.backoff_initial_s
-        ),
-        backoff_max_s=c.get("backoff_max", _duration(MAX_BACKOFF_S), schedule0.backoff_max_s),
-        permanent_retry_s=c.get(
-            "permanent_retry_interval", _duration(MAX_PAUSE_S), schedule0.permanent_retry_s
-        ),
-        retry_timeout_s=c.get("retry_timeout", _duration(MAX_PAUSE_S), schedule0.retry_timeout_s),
-        watch_interval_s=c.get(
-            "watch_interval", _duration(MAX_WATCH_INTERVAL_S), schedule0.watch_interval_s
-        ),
-    )
-    token_dir = c.get("token_dir", Path, output0.token_dir)
-    secret_name = raw.get("secret") or None
-    output = OutputSettings(
-        token_dir=token_dir,
-        file_mode=c.get("file_mode", _mode, output0.file_mode),
-        secret_name=secret_name,
-        secret_namespace=raw.get("secret_namespace") or None,
-        on_refresh=c.get("on_refresh", _command, output0.on_refresh),
-        on_refresh_timeout_s=c.get(
-            "on_refresh_timeout", _duration(MAX_TIMEOUT_S), output0.on_refresh_timeout_s
-        ),
-    )
+    flow = c.get("flow", _choice("auto", "jwt", "oauth"), str(default.flow))
+    ims = _ims_settings(c)
+    schedule = _schedule_settings(c)
+    output = _output_settings(c)
     if needs_output:
         c.require(
-            token_dir is not None or secret_name is not None,
+            output.token_dir is not None or output.secret_name is not None,
             "no output: give --token-dir and/or --secret",
         )
-    listen_text = raw.get("listen")
-    listen = None if listen_text == "" else c.get("listen", _listen, settings0.listen)
-    log_format = c.get("log_format", _choice("json", "text"), str(settings0.log_format))
-    log_level = c.get(
-        "log_level", _choice("debug", "info", "warning", "error"), settings0.log_level
-    )
+    listen = None if raw.get("listen") == "" else c.get("listen", _listen, default.listen)
+    log_format = c.get("log_format", _choice("json", "text"), str(default.log_format))
+    log_level = c.get("log_level", _choice("debug", "info", "warning", "error"), default.log_level)
     if c.problems:
         raise ConfigError("; ".join(c.problems))
     return Settings(
@@ -354,4 +291,73 @@ def build_settings(raw: Mapping[str, str | None], *, needs_output: bool) -> Sett
         listen=listen,
         log_format=log_format,  # type: ignore[arg-type]
         log_level=log_level,
+    )
+
+
+def _ims_settings(c: _Collector) -> ImsSettings:
+    default = ImsSettings()
+    endpoint = c.raw.get("ims_endpoint") or None
+    allow_http = c.get("allow_insecure_http", parse_bool, default.allow_insecure_http)
+    if endpoint:
+        try:
+            problem = plain_http_problem(
+                ims_base_url(endpoint), allow_insecure_http=allow_http, origin="--ims-endpoint"
+            )
+            c.require(problem is None, problem or "")
+        except ConfigError as exc:
+            c.problems.append(str(exc))
+    ca_bundle = c.get("ca_bundle", Path, default.ca_bundle)
+    if ca_bundle is not None:
+        c.require(ca_bundle.is_file(), f"--ca-bundle {ca_bundle} is not a readable file")
+    return ImsSettings(
+        endpoint=endpoint,
+        allow_insecure_http=allow_http,
+        ca_bundle=ca_bundle,
+        # IMS rejects JWTs that live longer than a day.
+        jwt_ttl_s=c.get("jwt_ttl", _whole_seconds(86400), default.jwt_ttl_s),
+        connect_timeout_s=c.get(
+            "connect_timeout", _duration(MAX_TIMEOUT_S), default.connect_timeout_s
+        ),
+        read_timeout_s=c.get("read_timeout", _duration(MAX_TIMEOUT_S), default.read_timeout_s),
+        audience=c.get("ims_audience", ims_base_url, default.audience),
+        min_token_lifetime_s=c.get(
+            "min_token_lifetime", _seconds_up_to(86400.0), default.min_token_lifetime_s
+        ),
+    )
+
+
+def _schedule_settings(c: _Collector) -> ScheduleSettings:
+    default = ScheduleSettings()
+    ratio = c.get("refresh_ratio", _fraction, default.refresh_ratio)
+    c.require(ratio > 0, "--refresh-ratio must be > 0")
+    jitter = c.get("jitter", _fraction, default.jitter)
+    c.require(jitter < ratio or ratio == 0, "--jitter must be smaller than --refresh-ratio")
+    return ScheduleSettings(
+        refresh_ratio=ratio,
+        jitter=jitter,
+        backoff_initial_s=c.get(
+            "backoff_initial", _duration(MAX_BACKOFF_S), default.backoff_initial_s
+        ),
+        backoff_max_s=c.get("backoff_max", _duration(MAX_BACKOFF_S), default.backoff_max_s),
+        permanent_retry_s=c.get(
+            "permanent_retry_interval", _duration(MAX_PAUSE_S), default.permanent_retry_s
+        ),
+        retry_timeout_s=c.get("retry_timeout", _duration(MAX_PAUSE_S), default.retry_timeout_s),
+        watch_interval_s=c.get(
+            "watch_interval", _duration(MAX_WATCH_INTERVAL_S), default.watch_interval_s
+        ),
+    )
+
+
+def _output_settings(c: _Collector) -> OutputSettings:
+    default = OutputSettings()
+    return OutputSettings(
+        token_dir=c.get("token_dir", Path, default.token_dir),
+        file_mode=c.get("file_mode", _mode, default.file_mode),
+        secret_name=c.raw.get("secret") or default.secret_name,
+        secret_namespace=c.raw.get("secret_namespace") or default.secret_namespace,
+        on_refresh=c.get("on_refresh", _command, default.on_refresh),
+        on_refresh_timeout_s=c.get(
+            "on_refresh_timeout", _duration(MAX_TIMEOUT_S), default.on_refresh_timeout_s
+        ),
     )

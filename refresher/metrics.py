@@ -17,6 +17,16 @@ ON_REFRESH_RESULTS = ("success", "error", "timeout")
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._token_series(registry)
+        self._activity_series(registry)
+        self.build_info = Gauge(
+            "refresher_build_info", "Build information.", ["version"], registry=registry
+        )
+        self.build_info.labels(version=__version__).set(1)
+        self._precreate()
+
+    def _token_series(self, registry: CollectorRegistry) -> None:
+        """What readers get: the token, the certificate, the clocks."""
         self.token_expiry = Gauge(
             "refresher_token_expiry_timestamp_seconds",
             "Unix time at which the published token expires (0 before the first).",
@@ -27,6 +37,25 @@ class Metrics:
             "Unix time of the last successful refresh (minted or adopted).",
             registry=registry,
         )
+        self.certificate_expiry = Gauge(
+            "refresher_certificate_expiry_timestamp_seconds",
+            "Unix time at which the credentials' certificate expires (JWT flow).",
+            registry=registry,
+        )
+        self.token_valid = Gauge(
+            "refresher_token_valid",
+            "1 while the published token is valid, else 0 (computed at scrape time).",
+            registry=registry,
+        )
+        self.clock_skew = Gauge(
+            "refresher_clock_skew_seconds",
+            "IMS's clock minus this node's, from the Date header of IMS's answers "
+            "(0 until measured, and within the header's 1 s resolution).",
+            registry=registry,
+        )
+
+    def _activity_series(self, registry: CollectorRegistry) -> None:
+        """What the loop did: refreshes, exchanges, publications, hooks, adoptions."""
         self.refresh = Counter(
             "refresher_refresh",
             "Refresh attempts by outcome class.",
@@ -44,16 +73,6 @@ class Metrics:
             "refresher_sink_write",
             "Token publications by sink and outcome.",
             ["sink", "result"],
-            registry=registry,
-        )
-        self.certificate_expiry = Gauge(
-            "refresher_certificate_expiry_timestamp_seconds",
-            "Unix time at which the credentials' certificate expires (JWT flow).",
-            registry=registry,
-        )
-        self.token_valid = Gauge(
-            "refresher_token_valid",
-            "1 while the published token is valid, else 0 (computed at scrape time).",
             registry=registry,
         )
         self.consecutive_failures = Gauge(
@@ -78,16 +97,8 @@ class Metrics:
             ["source"],
             registry=registry,
         )
-        self.clock_skew = Gauge(
-            "refresher_clock_skew_seconds",
-            "IMS's clock minus this node's, from the Date header of IMS's answers "
-            "(0 until measured, and within the header's 1 s resolution).",
-            registry=registry,
-        )
-        self.build_info = Gauge(
-            "refresher_build_info", "Build information.", ["version"], registry=registry
-        )
-        self.build_info.labels(version=__version__).set(1)
+
+    def _precreate(self) -> None:
         # Pre-create label sets so dashboards and alerts see zeros, not gaps: an alert on
         # `increase()` cannot see the first error of a series that did not exist before it.
         for result in REFRESH_RESULTS:

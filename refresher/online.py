@@ -39,7 +39,9 @@ def _exchange(client: ImsClient, credentials: Credentials, secrets: SecretRegist
     try:
         token = client.exchange(credentials, SystemClock().now)
     except ExchangeError as exc:
-        log.error("IMS exchange failed: %s", exc, extra=exc.log_fields())
+        log.error(
+            "IMS exchange failed: %s", exc, extra={"event": "refresh_failed", **exc.log_fields()}
+        )
         raise
     finally:
         client.close()
@@ -61,7 +63,11 @@ def print_token(
     stream.flush()
     log.info(
         "obtained a new access token",
-        extra={"flow": token.flow, "expires_at": rfc3339(token.expires_at)},
+        extra={
+            "event": "token_minted",
+            "flow": token.flow,
+            "expires_at": rfc3339(token.expires_at),
+        },
     )
     return EXIT_OK
 

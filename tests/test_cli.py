@@ -207,3 +207,26 @@ def test_odd_numbers_are_one_line_and_exit_2(
     result = harness.run(*args, timeout=20)
     assert result.returncode == 2, result.stderr
     assert flag in one_line_error(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("value", "code"), [("yes", 0), ("TRUE", 0), ("1", 0), ("0", 2), ("off", 2), ("maybe", 2)]
+)
+def test_boolean_variables_go_through_the_one_boolean_parser(
+    harness: Harness, value: str, code: int
+) -> None:
+    """REFRESHER_ALLOW_INSECURE_HTTP is parsed like every other value: true/yes/on/1 permit
+    plain HTTP, false/no/off/0 do not, anything else is one line and exit 2 (not "false")."""
+    result = harness.run(
+        "check",
+        "--credentials",
+        str(harness.oauth),
+        "--ims-endpoint",
+        "http://127.0.0.1:9",
+        env={"REFRESHER_ALLOW_INSECURE_HTTP": value},
+    )
+    assert result.returncode == code, result.stderr
+    if code:
+        line = one_line_error(result.stderr)
+        expected = "--allow-insecure-http" if value == "maybe" else "plain HTTP"
+        assert expected in line
