@@ -180,7 +180,7 @@ def setup_logging(
     handler.addFilter(RedactingFilter(registry))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    # urllib3 at debug would print request lines; keep third parties at warning.
     root.setLevel(logging.WARNING)
     logging.getLogger("refresher").setLevel(level.upper())
-    # urllib3 at debug would print request lines; keep third parties at warning.
     logging.captureWarnings(True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from refresher.credentials.volume import list_directory
 from refresher.errors import PublishError
 from refresher.sinks.file import PUBLISHED, FileSink
 from refresher.token import AccessToken
@@ -50,6 +51,18 @@ def test_layout_matches_kubelet(tmp_path: Path) -> None:
     assert sorted(p.name for p in d.iterdir()) == sorted(
         ["..data", snapshot, "access_token", "expires_at", "token.json"]
     )
+
+
+def test_the_credentials_reader_sees_the_set_the_sink_wrote(tmp_path: Path) -> None:
+    """One layout on both sides: the credentials reader resolves the sink's ..data to the
+    snapshot it just wrote and lists exactly the published names."""
+    sink = FileSink(tmp_path, clock=FakeClock(T0))
+    sink.publish(make_token(1))
+    first = list_directory(tmp_path)
+    assert first.base == tmp_path / os.readlink(tmp_path / "..data")
+    assert first.names == first.top == frozenset(PUBLISHED)
+    sink.publish(make_token(2))
+    assert list_directory(tmp_path).base != first.base  # a new snapshot, never reused
 
 
 def test_contents_and_mode(tmp_path: Path) -> None:
