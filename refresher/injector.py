@@ -14,6 +14,7 @@ socket, one JSON parse, one copy of the pod, one patch.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import ssl
@@ -26,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import choose_encoder
 
+from refresher.exposition import encoder
 from refresher.httpserver import Limits, Request, Response
 from refresher.inject import Refused, inject_pod, json_patch
 
@@ -37,9 +38,9 @@ API_VERSION = "admission.k8s.io/v1"
 RESULTS = ("injected", "unchanged", "refused", "error")
 _JSON = "application/json"
 # A pod is stored in etcd only up to ~1.5 MiB; a review of a bigger one is refused (413).
-# Bodies in flight cost at most max_connections x max_body_bytes (128 MiB, only if every
-# client sends a near-limit body at once); 64 connections leave room for the 50 reviews
-# in flight of a burst, each API server keeping its connections alive.
+# Bodies in flight are bounded by the server's shared budget for big bodies
+# (Limits.max_bodies_bytes) plus 64 KiB per connection; 64 connections leave room for
+# the 50 reviews in flight of a burst, each API server keeping its connections alive.
 LIMITS = Limits(max_body_bytes=2 << 20, max_connections=64, body_timeout_s=5.0)
 METHODS = frozenset({"GET", "HEAD", "POST"})
 
@@ -54,7 +55,7 @@ class Answer:
     result: str
     """One of RESULTS."""
     fields: dict[str, Any]
-    """What to log about it: namespace, generateName, name, uid, and why when refused."""
+    """What to log about it: namespace, generateName, pod (its name), uid, and why when refused."""
 
 
 def admit(body: bytes, image: str) -> Answer:
@@ -68,7 +69,8 @@ def admit(body: bytes, image: str) -> Answer:
         "uid": _text(uid),
         "namespace": _text(request.get("namespace")),
         "generateName": _text(meta.get("generateName")),
-        "name": _text(meta.get("name") or request.get("name")),
+        # Not "name": that is a LogRecord attribute, and logging refuses to overwrite it.
+        "pod": _text(meta.get("name") or request.get("name")),
         "operation": _text(request.get("operation")),
     }
     response: dict[str, Any] = {"uid": uid, "allowed": True}
@@ -171,7 +173,7 @@ class Webhook:
             # Serving means a certificate is loaded: the server cannot start without one.
             return _json_response(200, {"status": "ok"})
         if request.path == "/metrics":
-            encode, content_type = choose_encoder(request.headers.get("accept", ""))
+            encode, content_type = encoder(request.headers.get("accept", ""))
             return Response(200, encode(self.metrics.registry), content_type)
         return _json_response(404, {"error": "not found"})
 
@@ -216,6 +218,15 @@ def _json_response(
 class CertificateError(Exception):
     """The certificate or key cannot be loaded; the text names the file, never its content."""
 
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+        """The process, not the files, failed (out of descriptors or memory): retry them."""
+
+
+# Failures of the process rather than of the files: the same files may load a moment later.
+_TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR})
+
 
 class CertificateFiles:
     """The server's SSLContext from a certificate and key file, rebuilt when they change.
@@ -224,7 +235,9 @@ class CertificateFiles:
     (a few microseconds) tells whether a mounted Secret was renewed (kubelet swaps
     its `..data` symlink, so the inode changes) or a file rewritten. A new pair that
     does not load (half written, key and certificate not matching) is logged once
-    and the previous context keeps serving; it is retried when the files change again.
+    and the previous context keeps serving; it is retried when the files change again,
+    or at the next connection when the process itself failed (out of descriptors or
+    memory: the same files may load a moment later), logged once per pair of files.
     """
 
     def __init__(self, cert: Path, key: Path, metrics: InjectorMetrics) -> None:
@@ -233,6 +246,7 @@ class CertificateFiles:
         self._lock = threading.Lock()
         self._signature = self._stat()
         self._failed: tuple[object, ...] | None = None
+        self._logged: tuple[object, ...] | None = None
         self.context = self._load()
 
     def __call__(self) -> ssl.SSLContext:
@@ -243,11 +257,14 @@ class CertificateFiles:
             try:
                 self.context = self._load()
             except CertificateError as exc:
-                self._failed = signature
                 self.metrics.certificate_reloads.labels(result="error").inc()
-                log.error("certificate reload failed, still serving the previous one: %s", exc)
+                if signature != self._logged:
+                    self._logged = signature
+                    log.error("certificate reload failed, still serving the previous one: %s", exc)
+                if not exc.transient:
+                    self._failed = signature
             else:
-                self._signature, self._failed = signature, None
+                self._signature, self._failed, self._logged = signature, None, None
                 self.metrics.certificate_reloads.labels(result="success").inc()
                 log.info("certificate reloaded", extra={"cert": str(self.cert)})
         return self.context
@@ -268,7 +285,9 @@ class CertificateFiles:
             try:
                 mode = path.stat().st_mode
             except OSError as exc:
-                raise CertificateError(f"{flag} {path}: {exc.strerror}") from None
+                raise CertificateError(
+                    f"{flag} {path}: {exc.strerror}", transient=exc.errno in _TRANSIENT_ERRNOS
+                ) from None
             if not stat.S_ISREG(mode):  # a FIFO would block the server thread forever
                 raise CertificateError(f"{flag} {path}: not a regular file")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -278,7 +297,14 @@ class CertificateFiles:
         except (ssl.SSLError, OSError, ValueError) as exc:
             # The reason only (e.g. KEY_VALUES_MISMATCH): never the PEM text.
             reason = getattr(exc, "reason", None) or type(exc).__name__
+            # SSLError is an OSError whose errno is OpenSSL's code: never a process failure.
+            transient = (
+                isinstance(exc, OSError)
+                and not isinstance(exc, ssl.SSLError)
+                and exc.errno in _TRANSIENT_ERRNOS
+            )
             raise CertificateError(
-                f"--tls-cert-file {self.cert} / --tls-key-file {self.key}: {reason}"
+                f"--tls-cert-file {self.cert} / --tls-key-file {self.key}: {reason}",
+                transient=transient,
             ) from None
         return context

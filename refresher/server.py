@@ -10,11 +10,8 @@ JSON documents of state; never a token.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
-
+from refresher.exposition import encoder
 from refresher.health import HealthState, Probe
 from refresher.httpserver import HttpServer, Limits, Request, Response
 from refresher.metrics import Metrics
@@ -54,18 +51,9 @@ class ProbeServer:
             return _probe(self._health.readiness())
         if request.path == "/metrics":
             # Plain text 0.0.4 unless the scraper asks for OpenMetrics: every Prometheus reads it.
-            encode, content_type = _encoder(request.headers.get("accept", ""))
+            encode, content_type = encoder(request.headers.get("accept", ""))
             return Response(200, encode(self._metrics.registry), content_type, _NO_STORE)
         return _NOT_FOUND
-
-
-def _encoder(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
-    """The exposition format the scraper asks for; plain text when its Accept header is
-    malformed (prometheus_client raises TypeError on `version=abc`: that was a 500)."""
-    try:
-        return choose_encoder(accept)
-    except (TypeError, ValueError):
-        return choose_encoder("")
 
 
 def _probe(probe: Probe) -> Response:

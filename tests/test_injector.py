@@ -386,6 +386,37 @@ def test_logs_name_the_pod_never_its_content(injector: Injector) -> None:
     assert SECRET_ENV_VALUE not in injector.log.read_text()
 
 
+def test_a_named_pod_is_admitted_and_logged_by_its_name(injector: Injector) -> None:
+    """A bare pod with metadata.name (no generateName) is injected, and its log line names it.
+
+    0.2.0's first webhook put the name in the log record's `name`, a LogRecord attribute:
+    logging raised, and every named pod got a 500 (with failurePolicy Fail: not created).
+    """
+    pod = copy.deepcopy(PODS["deployment"])
+    del pod["metadata"]["generateName"]
+    pod["metadata"]["name"] = "bare-pod"
+    response = injector.review(review(pod, uid="named-pod"))
+    assert patched(pod, response)["metadata"]["annotations"][PREFIX + "status"] == "injected"
+    (line,) = [entry for entry in injector.logs() if entry.get("uid") == "named-pod"]
+    assert line["pod"] == "bare-pod" and line["result"] == "injected"
+
+
+def test_a_malformed_accept_header_on_metrics_gets_plain_text(injector: Injector) -> None:
+    """`Accept: application/openmetrics-text; version=abc` is answered in plain text, not 500."""
+    connection = injector.connection()
+    try:
+        connection.request(
+            "GET", "/metrics", headers={"Accept": "application/openmetrics-text; version=abc"}
+        )
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    assert response.status == 200
+    assert response.getheader("Content-Type", "").startswith("text/plain")
+    assert b"refresher_injector_admissions_total" in body
+
+
 def test_probes_metrics_and_methods(injector: Injector) -> None:
     """/healthz and /readyz answer 200, /metrics has the histogram, GET /mutate is 405."""
     assert injector.request("GET", "/healthz")[0] == 200
@@ -615,6 +646,55 @@ def test_certificate_rotation_without_restart(tmp_path: Path) -> None:
         stop(server)
     text = server.log.read_text()
     assert "certificate reload failed" in text and "BEGIN" not in text
+
+
+_TRANSIENT_RELOAD = """
+import json, os, resource, sys
+from pathlib import Path
+from prometheus_client import CollectorRegistry
+from refresher.injector import CertificateFiles, InjectorMetrics
+
+cert, key, new_cert, new_key = (Path(p) for p in sys.argv[1:5])
+metrics = InjectorMetrics(CollectorRegistry())
+files = CertificateFiles(cert, key, metrics)
+first = files.context
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+hog = []
+try:
+    while True:
+        hog.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+new_cert.replace(cert)  # a renewal arrives while the process is out of descriptors
+new_key.replace(key)
+during = files()
+for fd in hog:
+    os.close(fd)
+after = files()
+print(json.dumps({"during_old": during is first, "after_new": after is not first}))
+"""
+
+
+def test_a_reload_that_fails_for_lack_of_descriptors_is_retried(tmp_path: Path) -> None:
+    """A renewal seen while the process has no free descriptor (EMFILE) loads at the next call.
+
+    Real EMFILE, in a child process whose descriptor limit is lowered and then exhausted;
+    remembering that failure would serve the old certificate until the files change again.
+    """
+    ca = new_authority("reload-ca")
+    paths = [tmp_path / name for name in ("tls.crt", "tls.key", "new.crt", "new.key")]
+    for path, pem in zip(paths, (*issue(ca), *issue(ca)), strict=True):
+        path.write_bytes(pem)
+    result = subprocess.run(
+        [sys.executable, "-c", _TRANSIENT_RELOAD, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert json.loads(result.stdout.splitlines()[-1]) == {"during_old": True, "after_new": True}
+    assert "BEGIN" not in result.stdout + result.stderr
 
 
 def test_help_lists_the_flags_the_chart_passes() -> None:
