@@ -442,3 +442,51 @@ def test_a_refresh_cycle_logs_its_events(
     caplog.clear()
     assert again.once() == 0
     assert "token_adopted" in [getattr(r, "event", None) for r in caplog.records]
+
+
+class RaceSink(FailingSink):
+    """A shared sink that reports another writer's token instead of ours (a lost race)."""
+
+    def __init__(self, winner: AccessToken) -> None:
+        super().__init__(failures=0)
+        self.winner = winner
+
+    def publish(self, token: AccessToken) -> AccessToken:
+        return self.winner
+
+
+@pytest.mark.parametrize(
+    ("client_id", "ims_endpoint", "adopted"),
+    [
+        ("client-1", "https://ims.example", True),
+        ("client-2", "https://ims.example", False),
+        ("client-1", "https://ims-stage.example", False),
+    ],
+)
+def test_a_lost_race_adopts_only_a_token_the_one_rule_accepts(
+    tmp_path: Path, oauth_file: Path, client_id: str, ims_endpoint: str, adopted: bool
+) -> None:
+    """After a lost write race the winner's token is adopted only if it is ours (same
+    client, same IMS base URL) and outlives ours; another's is a failed publish, never
+    made current nor copied to the file."""
+    clock = FakeClock()
+    ims = ScriptedIms(clock, 3600)
+    winner = AccessToken(
+        value="winner-" + "w" * 20,
+        issued_at=clock.now(),
+        expires_at=clock.now() + timedelta(hours=1, minutes=1),
+        flow="oauth",
+        client_id=client_id,
+        ims_endpoint=ims_endpoint,
+    )
+    service, sink, metrics, _, _ = make_service(
+        tmp_path, oauth_file, clock, ims, extra_sinks=[RaceSink(winner)]
+    )
+    assert service.once() == (0 if adopted else 1)
+    held = sink.read_current()
+    assert held is not None
+    assert (held.value == winner.value) is adopted
+    errors = metrics.registry.get_sample_value(
+        "refresher_sink_write_total", {"sink": "secret", "result": "error"}
+    )
+    assert (errors == 0) is adopted

@@ -14,12 +14,12 @@ integrations that mint too many tokens).
 
 Memory (the process must stay under 60 MiB RSS): importing any `kubernetes`
 submodule runs the package `__init__`, which loads the config loaders, pydantic,
-oauthlib, yaml and the client package: about +15 MiB. Since client 37 the ~850
-model classes and the API classes load lazily, and `CoreV1Api` with the models
-it references would add about +22 MiB more, so we touch neither: the official
-client does what it is good at (kubeconfig and in-cluster config, auth with
-rotating service-account tokens and exec plugins, TLS, proxies, the urllib3 pool
-of `RESTClientObject`) and we send and read plain JSON dicts. Measured by
+oauthlib, yaml and the client package. The model classes and the API classes load
+lazily (client 37 and later), and `CoreV1Api` with the models it references would
+cost more than all of that again, so we touch neither: the official client does
+what it is good at (kubeconfig and in-cluster config, auth with rotating
+service-account tokens and exec plugins, TLS, proxies, the urllib3 pool of
+`RESTClientObject`) and we send and read plain JSON dicts. The budget is pinned by
 tests/test_secret_sink.py::test_secret_mode_memory.
 """
 
