@@ -283,12 +283,24 @@ def test_adopts_a_published_token_at_start(harness: Harness) -> None:
     args = [
         *harness.args("once", harness.aem, "--token-dir", str(out)),
     ]
-    assert harness.run(*args).returncode == 0
+    first = harness.run(*args)
+    assert first.returncode == 0
     token = read_token(out)
-    assert harness.run(*args).returncode == 0
+    second = harness.run(*args)
+    assert second.returncode == 0
     assert read_token(out) == token
     assert emulator.stats()["issued"] == 1
     harness.extra_secrets.append(token)
+    # The log lines key on a stable `event` field (docs/operations.md), not on words.
+    assert _events(first.stdout)[:1] == ["starting"]
+    assert {"token_minted", "published", "refresh_scheduled"} <= set(_events(first.stdout))
+    assert "token_adopted" in _events(second.stdout)
+    assert "token_minted" not in _events(second.stdout)
+
+
+def _events(stdout: str) -> list[str]:
+    """The `event` of each JSON log line (every line of `once` is one)."""
+    return [json.loads(line).get("event", "") for line in stdout.splitlines() if line.strip()]
 
 
 def test_concurrent_reader_never_sees_a_torn_directory(harness: Harness) -> None:

@@ -375,6 +375,12 @@ def test_sigterm_exits_0_within_2s_keeping_the_token(harness: Harness, launch: L
     assert code == 0
     assert elapsed < 2
     _assert_intact(out, token)
+    events = [record.get("event") for record in running.logs()]
+    assert events[0] == "starting"
+    assert "serving" in events
+    assert events.index("stopping") < events.index("stopped")
+    stopping = next(r for r in running.logs() if r.get("event") == "stopping")
+    assert stopping["reason"] == "SIGTERM"
 
 
 def test_probes_answer_and_sigterm_exits_while_an_exchange_is_stuck(
