@@ -461,7 +461,6 @@ class Service:
         by_wall = delay_until(current.due_at, self.clock.now())
         return max(0.0, min(by_wall, current.due_mono - self.clock.monotonic()))
 
-
     def _pause(self, seconds: float, *, until: datetime | None = None) -> None:
         """Sleep up to `seconds`, waking early for shutdown or a credentials change.
 

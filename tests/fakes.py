@@ -3,6 +3,7 @@ tests is real (sockets, files, processes)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 
@@ -35,13 +36,13 @@ class FakeSleeper:
         self.clock = clock
         self.sleeps: list[float] = []
         self.woken = False
-        self.on_sleep: list[object] = []
+        self.on_sleep: list[Callable[[], None]] = []
 
     def sleep(self, seconds: float) -> bool:
         self.sleeps.append(seconds)
         self.clock.advance(max(0.0, seconds))
         for hook in list(self.on_sleep):
-            hook()  # type: ignore[operator]
+            hook()
         return self.woken
 
     def wake(self) -> None:
