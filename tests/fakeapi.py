@@ -14,16 +14,13 @@ apiserver's where the Secret sink depends on them:
 - RBAC denials are 403 `Forbidden` with the apiserver's message;
 - invalid objects (bad name, bad data key, data not base64, a changed `type`, a
   change to an `immutable` Secret) are 422 `Invalid`;
-- PATCH accepts merge patch, strategic merge patch (applied as a merge patch: a
-  Secret has no lists with merge keys that matter here) and JSON patch; after any
-  patch, a `metadata.resourceVersion` that differs from the stored one is a
-  precondition failure (409 `Conflict`), as in the apiserver's patch handler; a
-  failed JSON-patch `test` op is 422, as there too;
+- PATCH is 405: the Secret sink writes with GET and PUT only, so the fake
+  implements no patch format (a sink that patches would need one first);
 - every error is a complete `Status` object.
 
 Fault hooks for tests: `fail_next`, `drop_next`, `delay_next`, `down`/`up`,
 `forbid`, `before_next` and `bump_before_next_write` (a concurrent writer between a
-client's GET and its PUT/PATCH). `requests` counts requests per HTTP method and
+client's GET and its PUT). `requests` counts requests per HTTP method and
 `log` keeps (method, path) in order.
 """
 
@@ -66,10 +63,7 @@ _REASONS = {
     503: "ServiceUnavailable",
     504: "Timeout",
 }
-_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
-MERGE_PATCH = "application/merge-patch+json"
-STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
-JSON_PATCH = "application/json-patch+json"
+_VERBS = {"POST": "create", "PUT": "update", "DELETE": "delete"}
 
 
 class ApiError(Exception):
@@ -111,96 +105,6 @@ def status_object(
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-def _pointer(path: str) -> list[str]:
-    if path == "":
-        return []
-    if not path.startswith("/"):
-        raise ValueError(f"invalid JSON pointer {path!r}")
-    return [part.replace("~1", "/").replace("~0", "~") for part in path[1:].split("/")]
-
-
-def _resolve(doc: Any, parts: list[str]) -> Any:
-    for part in parts:
-        if isinstance(doc, dict) and part in doc:
-            doc = doc[part]
-        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
-            doc = doc[int(part)]
-        else:
-            raise ValueError(f"path /{'/'.join(parts)} does not exist")
-    return doc
-
-
-def _add(doc: Any, parts: list[str], value: Any) -> Any:
-    if not parts:
-        return value
-    parent = _resolve(doc, parts[:-1])
-    last = parts[-1]
-    if isinstance(parent, dict):
-        parent[last] = value
-    elif isinstance(parent, list):
-        index = len(parent) if last == "-" else int(last)
-        if index > len(parent):
-            raise ValueError("array index out of range")
-        parent.insert(index, value)
-    else:
-        raise ValueError("add target is not a container")
-    return doc
-
-
-def _remove(doc: Any, parts: list[str]) -> Any:
-    parent = _resolve(doc, parts[:-1])
-    last = parts[-1]
-    _resolve(parent, [last])  # raises if missing
-    if isinstance(parent, dict):
-        return parent.pop(last)
-    return parent.pop(int(last))
-
-
-def json_patch(doc: Any, operations: Any) -> Any:
-    """RFC 6902 JSON patch (add, remove, replace, move, copy, test). Raises ValueError."""
-    if not isinstance(operations, list):
-        raise TypeError("a JSON patch is a list of operations")
-    doc = copy.deepcopy(doc)
-    for op in operations:
-        if not isinstance(op, dict) or "op" not in op or "path" not in op:
-            raise TypeError(f"malformed operation {op!r}")
-        kind, parts = op["op"], _pointer(op["path"])
-        if kind == "add":
-            doc = _add(doc, parts, copy.deepcopy(op["value"]))
-        elif kind == "remove":
-            _remove(doc, parts)
-        elif kind == "replace":
-            _resolve(doc, parts)
-            if parts:
-                _remove(doc, parts)
-            doc = _add(doc, parts, copy.deepcopy(op["value"]))
-        elif kind in ("move", "copy"):
-            source = _pointer(op["from"])
-            value = copy.deepcopy(_resolve(doc, source))
-            if kind == "move":
-                _remove(doc, source)
-            doc = _add(doc, parts, value)
-        elif kind == "test":
-            if _resolve(doc, parts) != op.get("value"):
-                raise ValueError(f"testing value {op['path']} failed")
-        else:
-            raise ValueError(f"unknown op {kind!r}")
-    return doc
 
 
 class _Server(ThreadingHTTPServer):
@@ -521,10 +425,8 @@ class FakeApiServer:
     def bump_before_next_write(
         self, namespace: str, name: str, mutate: Callable[[JsonObj], None] | None = None
     ) -> None:
-        """Another writer updates the Secret between the client's GET and its next PUT/PATCH."""
-        hook = lambda server: server.bump(namespace, name, mutate)  # noqa: E731
-        self.before_next("PUT", hook)
-        self.before_next("PATCH", hook)
+        """Another writer updates the Secret between the client's GET and its next PUT."""
+        self.before_next("PUT", lambda server: server.bump(namespace, name, mutate))
 
     # --- request handling -----------------------------------------------------
 
@@ -537,8 +439,6 @@ class FakeApiServer:
             for index, (hook_method, hook) in enumerate(self._hooks):
                 if hook_method == method:
                     del self._hooks[index]
-                    # A PUT/PATCH pair registered together fires once.
-                    self._hooks = [(m, h) for m, h in self._hooks if h is not hook]
                     return hook
         return None
 
@@ -638,30 +538,7 @@ class FakeApiServer:
                 "status": "Success",
                 "details": {"name": name, "kind": "secrets", "uid": stored["metadata"]["uid"]},
             }
-        if method == "PUT":
-            return 200, self._update(stored, _decode(raw), namespace, name)
-        content_type = (headers.get("Content-Type") or "").split(";")[0].strip()
-        patch = _decode_any(raw)
-        if content_type in (MERGE_PATCH, STRATEGIC_MERGE_PATCH):
-            if not isinstance(patch, dict):
-                raise ApiError(400, "a merge patch must be a JSON object")
-            patched = merge_patch(stored, patch)
-        elif content_type == JSON_PATCH:
-            try:
-                patched = json_patch(stored, patch)
-            except TypeError as exc:
-                raise ApiError(400, str(exc)) from None
-            except (ValueError, KeyError, IndexError) as exc:
-                raise ApiError(422, str(exc)) from None
-        else:
-            raise ApiError(
-                415,
-                "the body of the request was in an unknown format - accepted media types include: "
-                f"{JSON_PATCH}, {MERGE_PATCH}, {STRATEGIC_MERGE_PATCH}",
-            )
-        if not isinstance(patched, dict):
-            raise ApiError(422, "the patched object is not an object")
-        return 200, self._update(stored, patched, namespace, name)
+        return 200, self._update(stored, _decode(raw), namespace, name)  # PUT
 
     def _authorize(self, verb: str, resource: str, namespace: str, name: str | None) -> None:
         for denied_verb, denied_resource, denied_name in self._forbidden:

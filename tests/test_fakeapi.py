@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakeapi import JSON_PATCH, MERGE_PATCH, STRATEGIC_MERGE_PATCH, FakeApiServer
+from tests.fakeapi import FakeApiServer
 
 NS = "team-a"
 SECRETS = f"/api/v1/namespaces/{NS}/secrets"
@@ -198,47 +198,15 @@ def test_type_is_immutable_and_string_data_is_folded(server: FakeApiServer) -> N
     assert "type: Invalid value" in body["message"]
 
 
-@pytest.mark.parametrize("content_type", [MERGE_PATCH, STRATEGIC_MERGE_PATCH])
-def test_merge_patches_merge_maps_and_honour_resource_version(
-    server: FakeApiServer, content_type: str
-) -> None:
-    """Merge and strategic merge patches merge data; a stale metadata.resourceVersion is 409."""
-    first = create(server, keep="v", change="v")
-    patch = {"data": {"change": b64("w"), "new": b64("n")}}
-    status, body = call(server, "PATCH", f"{SECRETS}/app", patch, content_type)
-    assert status == 200
-    assert server.secret_data(NS, "app") == {"keep": b"v", "change": b"w", "new": b"n"}
-    stale = {"metadata": {"resourceVersion": first["metadata"]["resourceVersion"]}, **patch}
-    status, body = call(server, "PATCH", f"{SECRETS}/app", stale, content_type)
-    assert status == 409
-    assert_status(body, 409, "Conflict")
-
-
-def test_json_patch_test_op_guards_resource_version(server: FakeApiServer) -> None:
-    """A JSON patch's `test` on resourceVersion applies when current and is 422 when stale."""
-    first = create(server, k="v")
-    version = first["metadata"]["resourceVersion"]
-    ops = [
-        {"op": "test", "path": "/metadata/resourceVersion", "value": version},
-        {"op": "replace", "path": "/data/k", "value": b64("w")},
-    ]
-    status, body = call(server, "PATCH", f"{SECRETS}/app", ops, JSON_PATCH)
-    assert status == 200
-    assert server.secret_data(NS, "app") == {"k": b"w"}
-    status, body = call(server, "PATCH", f"{SECRETS}/app", ops, JSON_PATCH)
-    assert status == 422
-    assert_status(body, 422, "Invalid")
-    assert server.secret_data(NS, "app") == {"k": b"w"}
-
-
-def test_unknown_patch_type_is_unsupported(server: FakeApiServer) -> None:
-    """A PATCH in an unsupported media type is 415, not silently applied."""
+def test_patch_is_not_implemented(server: FakeApiServer) -> None:
+    """PATCH is 405 with a Status and changes nothing: the Secret sink writes by PUT only."""
     create(server, k="v")
     status, body = call(
-        server, "PATCH", f"{SECRETS}/app", {"data": {}}, "application/apply-patch+yaml"
+        server, "PATCH", f"{SECRETS}/app", {"data": {"k": b64("w")}}, "application/merge-patch+json"
     )
-    assert status == 415
-    assert_status(body, 415, "UnsupportedMediaType")
+    assert status == 405
+    assert_status(body, 405, "MethodNotAllowed")
+    assert server.secret_data(NS, "app") == {"k": b"v"}
 
 
 def test_fail_next_and_request_counters(server: FakeApiServer) -> None:
