@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from refresher import __version__
 from refresher.clock import Clock, EventSleeper, SystemClock
-from refresher.config import Settings, plain_http_problem
-from refresher.credentials import Credentials, load_settled
-from refresher.errors import EXIT_OK, EXIT_RUNTIME, ConfigError, CredentialsError, RefresherError
+from refresher.config import Settings
+from refresher.errors import EXIT_OK, EXIT_RUNTIME, ConfigError, RefresherError
 from refresher.health import HealthState
 from refresher.ims import ImsClient
 from refresher.logs import SecretRegistry, setup_logging
@@ -213,56 +212,3 @@ def _result(outcome: list[int | BaseException], service: Service, *, once: bool)
         )
         return EXIT_RUNTIME
     return result
-
-
-def check(settings: Settings, say: Callable[[str, object], None], *, online: bool = False) -> int:
-    """`check`: the credentials validated offline and summarised (no secrets); with
-    `online`, then one exchange and what IMS granted or why it refused."""
-    from refresher import online as exchange  # noqa: PLC0415
-
-    credentials, base = _checked_credentials(settings)
-    lines: list[tuple[str, object]] = [("flow", credentials.flow), ("ims", base)]
-    lines += [
-        (k, v)
-        for k, v in credentials.summary().items()
-        if k not in ("flow", "ims_endpoint") and v not in (None, "", (), [])
-    ]
-    not_after = credentials.certificate_not_after
-    days = None
-    if not_after is not None:
-        days = (not_after - SystemClock().now()).total_seconds() / 86400
-        lines.append(("certificate_days_left", f"{days:.1f}"))
-    for key, value in lines:
-        say(key, ", ".join(map(str, value)) if isinstance(value, list | tuple) else value)
-    if days is not None and days <= 0:
-        raise CredentialsError("the credentials' certificate has expired")  # exit 2
-    if online:
-        secrets = exchange.start_logging(settings, credentials)
-        return exchange.check_online(settings, credentials, secrets, say)
-    return EXIT_OK
-
-
-def token(settings: Settings) -> int:
-    """`token`: the same checks as `check`, one exchange, the token alone on stdout."""
-    from refresher import online as exchange  # noqa: PLC0415
-
-    credentials, _ = _checked_credentials(settings)
-    return exchange.print_token(
-        settings, credentials, exchange.start_logging(settings, credentials)
-    )
-
-
-def _checked_credentials(settings: Settings) -> tuple[Credentials, str]:
-    """The credentials, settled (content that stays half-written-looking is broken: exit 2
-    within ~1 s), and their IMS base URL, refused as plain HTTP in the words and with the
-    exit code of `once` and `run`."""
-    credentials = load_settled(settings.credentials, flow=settings.flow, wait=EventSleeper().sleep)
-    base = settings.ims.base_url(credentials.ims_endpoint)
-    problem = plain_http_problem(
-        base,
-        allow_insecure_http=settings.ims.allow_insecure_http,
-        origin="the IMS endpoint in the credentials",
-    )
-    if problem is not None:
-        raise CredentialsError(problem, source=credentials.source)
-    return credentials, base

@@ -293,13 +293,15 @@ def _dispatch(args: argparse.Namespace, environ: dict[str, str]) -> int:
     settings = build_settings(
         _raw(args, COMMANDS[command][1]), needs_output=command not in ("check", "token")
     )
-    from refresher import app  # noqa: PLC0415 - the whole pipeline: not for --help
+    if command in ("check", "token"):
+        from refresher import online  # noqa: PLC0415 - no loop, no sinks, no metrics
 
-    if command == "check":
-        return app.check(settings, _say, online=_flag_on(args, "online"))
-    if command == "token":
-        return app.token(settings)
-    return _serve(app.App.build(command, settings, environ))
+        if command == "token":
+            return online.token(settings)
+        return online.check(settings, _say, online=_flag_on(args, "online"))
+    from refresher.app import App  # noqa: PLC0415 - the whole pipeline: not for --help
+
+    return _serve(App.build(command, settings, environ))
 
 
 def _say(key: str, value: object) -> None:

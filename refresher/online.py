@@ -1,4 +1,7 @@
-"""`refresher token` and `refresher check --online`: one exchange, for a person at a shell.
+"""`refresher check` and `refresher token`: for a person at a shell, no loop, no sinks.
+
+`check` validates the credentials offline and prints a summary; with `--online`, and
+for `token`, one exchange follows.
 
 One attempt, no retry loop, no sinks: all client secrets in turn during a rotation, and a
 JWT re-signed at once when IMS's clock explains a rejection, as in `once`; then the exit
@@ -15,10 +18,10 @@ from typing import TextIO
 
 import jwt
 
-from refresher.clock import SystemClock
-from refresher.config import Settings
-from refresher.credentials import Credentials
-from refresher.errors import EXIT_OK, ExchangeError, Rejected
+from refresher.clock import EventSleeper, SystemClock
+from refresher.config import Settings, plain_http_problem
+from refresher.credentials import Credentials, load_settled
+from refresher.errors import EXIT_OK, CredentialsError, ExchangeError, Rejected
 from refresher.ims import ImsClient
 from refresher.logs import SecretRegistry, setup_logging
 from refresher.token import AccessToken, rfc3339
@@ -112,3 +115,49 @@ def check_online(
     say("expires_at", rfc3339(token.expires_at))
     say("clock_skew_s", client.clock_skew_s)
     return EXIT_OK
+
+
+def check(settings: Settings, say: Callable[[str, object], None], *, online: bool = False) -> int:
+    """`check`: the credentials validated offline and summarised (no secrets); with
+    `online`, then one exchange and what IMS granted or why it refused."""
+    credentials, base = checked_credentials(settings)
+    lines: list[tuple[str, object]] = [("flow", credentials.flow), ("ims", base)]
+    lines += [
+        (k, v)
+        for k, v in credentials.summary().items()
+        if k not in ("flow", "ims_endpoint") and v not in (None, "", (), [])
+    ]
+    not_after = credentials.certificate_not_after
+    days = None
+    if not_after is not None:
+        days = (not_after - SystemClock().now()).total_seconds() / 86400
+        lines.append(("certificate_days_left", f"{days:.1f}"))
+    for key, value in lines:
+        say(key, ", ".join(map(str, value)) if isinstance(value, list | tuple) else value)
+    if days is not None and days <= 0:
+        raise CredentialsError("the credentials' certificate has expired")  # exit 2
+    if online:
+        return check_online(settings, credentials, start_logging(settings, credentials), say)
+    return EXIT_OK
+
+
+def token(settings: Settings) -> int:
+    """`token`: the same checks as `check`, one exchange, the token alone on stdout."""
+    credentials, _ = checked_credentials(settings)
+    return print_token(settings, credentials, start_logging(settings, credentials))
+
+
+def checked_credentials(settings: Settings) -> tuple[Credentials, str]:
+    """The credentials, settled (content that stays half-written-looking is broken: exit 2
+    within ~1 s), and their IMS base URL, refused as plain HTTP in the words and with the
+    exit code of `once` and `run`."""
+    credentials = load_settled(settings.credentials, flow=settings.flow, wait=EventSleeper().sleep)
+    base = settings.ims.base_url(credentials.ims_endpoint)
+    problem = plain_http_problem(
+        base,
+        allow_insecure_http=settings.ims.allow_insecure_http,
+        origin="the IMS endpoint in the credentials",
+    )
+    if problem is not None:
+        raise CredentialsError(problem, source=credentials.source)
+    return credentials, base
