@@ -17,15 +17,13 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from refresher import __version__
-from refresher.config import flag_defaults
+from refresher.config import build_settings, flag_defaults, parse_bool
 from refresher.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, ConfigError, RefresherError
 
 if TYPE_CHECKING:
     from refresher.app import App
 
 ENV_PREFIX = "REFRESHER_"
-# Set by us for --on-refresh commands; a hook that itself runs `refresher` must not trip.
-_ENV_WE_SET = {"REFRESHER_EXPIRES_AT"}
 
 
 @dataclass(frozen=True)
@@ -216,7 +214,7 @@ def _known_env(parser: argparse.ArgumentParser) -> set[str]:
     names = {_env_name(flag.name) for _, flags in COMMANDS.values() for flag in flags}
     for command in ("inject", "injector"):
         names |= {_env_name(dest) for dest in _dests(parser, command)}
-    return names | _ENV_WE_SET
+    return names
 
 
 def _check_env(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
@@ -283,8 +281,6 @@ def run_cli(argv: list[str], environ: dict[str, str]) -> int:
 
 
 def _dispatch(args: argparse.Namespace, environ: dict[str, str]) -> int:
-    from refresher.config import build_settings  # noqa: PLC0415 - keep --help fast
-
     command: str = args.command
     if command in ("inject", "injector"):
         from refresher import inject_cli  # noqa: PLC0415
@@ -311,8 +307,6 @@ def _say(key: str, value: object) -> None:
 def _flag_on(args: argparse.Namespace, name: str) -> bool:
     """A boolean flag that `Settings` does not hold (`check --online`), parsed by the
     same parser as every other boolean."""
-    from refresher.config import parse_bool  # noqa: PLC0415
-
     value = getattr(args, name, None)
     if not isinstance(value, str):
         return value is True

@@ -45,7 +45,9 @@ class Notifier:
         secret registry's `scrub`; the default catches JWTs and PEM blocks only)."""
         self.command = command
         self.timeout_s = timeout_s
-        self.base_env = dict(base_env)
+        # Without our own REFRESHER_* settings: a hook that itself runs `refresher` would
+        # read them as its settings (and trip over a flag its subcommand does not know).
+        self.base_env = {k: v for k, v in base_env.items() if not k.startswith("REFRESHER_")}
         self.metrics = metrics
         self.scrub = scrub
         self._lock = threading.Lock()

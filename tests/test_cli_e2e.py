@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -400,3 +401,22 @@ def test_plain_http_refused_without_the_flag(harness: Harness) -> None:
     assert result.returncode == 2
     assert "--allow-insecure-http" in result.stderr
     assert emulator.stats()["requests"] == {"jwt": 0, "oauth": 0}
+
+
+def test_an_on_refresh_hook_inherits_no_refresher_settings(harness: Harness) -> None:
+    """The --on-refresh hook gets IMS_TOKEN_DIR and IMS_TOKEN_EXPIRES_AT but none of the
+    sidecar's REFRESHER_* settings: a hook that runs `refresher` itself must not read them."""
+    harness.start_emulator()
+    out = harness.root / "out"
+    dump = harness.root / "hook-env.json"
+    hook = (
+        f"{sys.executable} -c 'import json, os; json.dump(sorted(k for k in os.environ "
+        f'if k.startswith(("REFRESHER_", "IMS_TOKEN_"))), open("{dump}", "w"))\''
+    )
+    result = harness.run(
+        *harness.args("once", harness.oauth, "--on-refresh", hook),
+        env={"REFRESHER_TOKEN_DIR": str(out), "REFRESHER_LOG_LEVEL": "info"},
+    )
+    assert result.returncode == 0, result.stderr
+    harness.extra_secrets.append(read_token(out))
+    assert json.loads(dump.read_text()) == ["IMS_TOKEN_DIR", "IMS_TOKEN_EXPIRES_AT"]
