@@ -28,13 +28,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import tests.test_service as scripted
-from refresher import cli
+from refresher import app
 from refresher.clock import EventSleeper, SystemClock
 from refresher.config import build_settings
+from refresher.credentials import Credentials
 from refresher.health import HealthState
 from refresher.logs import SecretRegistry
 from refresher.metrics import Metrics
-from refresher.service import Service
+from refresher.observer import Observer
+from refresher.service import Service, Stages
 from refresher.sinks.file import FileSink
 from refresher.token import AccessToken
 from tests.conftest import Harness, read_token, wait_until
@@ -369,10 +371,13 @@ class _OneHourIms:
     def __init__(self) -> None:
         self.calls = 0
 
-    def base_url(self, credentials: object) -> str:
-        return "https://ims.example"
+    def cancel(self) -> None:
+        pass
 
-    def exchange(self, credentials: object, now: Callable[[], datetime]) -> AccessToken:
+    def close(self) -> None:
+        pass
+
+    def exchange(self, credentials: Credentials, now: Callable[[], datetime]) -> AccessToken:
         self.calls += 1
         sent = now()
         return AccessToken(
@@ -392,16 +397,9 @@ def _held_service(tmp_path: Path, oauth_file: Path) -> tuple[Service, _HeldSink]
     )
     clock = SystemClock()
     sink = _HeldSink(FileSink(tmp_path / "tokens", clock=clock))
-    service = Service(
-        settings,
-        clock=clock,
-        sleeper=EventSleeper(),
-        client=_OneHourIms(),  # type: ignore[arg-type]
-        sinks=[sink],
-        metrics=Metrics(CollectorRegistry()),
-        health=HealthState(clock, stall_after_s=60),
-        secrets=SecretRegistry(),
-    )
+    stages = Stages(clock, EventSleeper(), _OneHourIms(), [sink], SecretRegistry())
+    observer = Observer(clock, Metrics(CollectorRegistry()), HealthState(clock, stall_after_s=60))
+    service = Service(settings, stages, observer)
     return service, sink
 
 
@@ -418,7 +416,7 @@ def test_stop_mid_file_publish_finishes_it_or_leaves_the_previous_state(
     service, sink = _held_service(tmp_path, oauth)
     wake_main = threading.Event()
     result: list[int] = []
-    runner = threading.Thread(target=lambda: result.append(cli._run_loop(service, None, wake_main)))
+    runner = threading.Thread(target=lambda: result.append(app.run_loop(service, None, wake_main)))
     runner.start()
     assert sink.entered.wait(10)
     stopped = time.monotonic()
