@@ -184,7 +184,8 @@ def _commands(lab: Lab) -> str:
 
 def _command_line(args: argparse.Namespace) -> str:
     knobs = [f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith("BENCH_")]
-    return " ".join([*knobs, shlex.join(["python", "bench/run.py", *sys.argv[1:]])])
+    command = " ".join([*knobs, shlex.join(["python", "bench/run.py", *sys.argv[1:]])])
+    return f"{command} (by make)" if "MAKELEVEL" in os.environ else command
 
 
 def measure(args: argparse.Namespace, plan: figures.Plan) -> tuple[figures.Results, dict[str, str]]:
