@@ -1175,3 +1175,10 @@ def test_settled_load_interrupted_stays_not_ready(tmp_path: Path) -> None:
     path.write_text("{")
     with pytest.raises(CredentialsNotReady):
         load_settled(path, wait=lambda _: True)
+
+
+def test_change_signature_never_raises_for_a_path_pathlib_refuses() -> None:
+    """A path whose is_dir() raises (ENAMETOOLONG here; EACCES for a non-root user) is a state."""
+    too_long = Path("/tmp") / ("x" * 5000)
+    first = change_signature(too_long)
+    assert first == change_signature(too_long)

@@ -141,7 +141,11 @@ def change_signature(path: Path) -> tuple[object, ...]:
     """
     path = Path(path)
     parts: list[object] = [str(path), _stat_part(path, follow=False), _stat_part(path)]
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError:  # pathlib swallows ENOENT and ELOOP, not EACCES or ENAMETOOLONG
+        is_dir = False
+    if is_dir:
         parts.append(_readlink_part(path / DATA_LINK))
         try:
             names = sorted(e.name for e in path.iterdir() if not is_writers(e.name))
