@@ -216,6 +216,10 @@ def _mode(text: str) -> int:
         raise ValueError("must be an octal file mode like 0440")
     if not value & 0o400:
         raise ValueError("the owner must be able to read the files (it re-reads them at start)")
+    if value & 0o022:
+        # DIR is shared with other containers: a token file they may write is a token they
+        # may replace under the application's feet.
+        raise ValueError("the files must not be writable by group or others (e.g. 0440)")
     return value
 
 
