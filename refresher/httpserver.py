@@ -13,17 +13,7 @@ Why this foundation:
   only (it would still need this loop); waitress and cheroot add a dependency and a thread
   pool. The limit of the choice: a slow handler delays every client, so handlers stay fast.
 
-What a client is held to (`Limits`): the request head is capped in bytes (431; 414 when
-the request line alone is too long) and in header count, and must arrive within
-`head_timeout_s` of the connection (TLS handshake included) or of its first byte on a
-kept-alive connection; a body is refused (413) unless allowed, and is capped and
-deadlined; an idle kept-alive connection is dropped after `idle_timeout_s`, a client not
-reading its answer after `send_timeout_s`. At `max_connections` a new connection evicts a
-refused one still draining, else the one quiet longest, so a crowd cannot lock a probe out.
-A connection's memory is its head buffer plus its body, both capped; bodies over 64 KiB in
-flight together are held to `max_bodies_bytes`: one that does not fit makes room by
-dropping bodies stalled for a second, or is refused (503). So memory is bounded whatever
-every client does at once, and a crowd of big bodies cannot turn a small one away.
+What a client is held to, and the books kept on it, are in `refresher.httpconns`.
 Requests pipelined in one packet are answered one per turn of the loop, as if each
 connection sent one at a time. At the descriptor limit, the quietest connection makes room
 only for a connection that really waits. A refused client gets its answer, then
@@ -40,9 +30,7 @@ percent-decoding); nothing about requests is logged.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import select
 import selectors
 import socket
 import ssl
@@ -51,6 +39,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from refresher.httpconns import (
+    BODY,
+    HANDSHAKE,
+    HEAD,
+    LINGER,
+    OUT_OF_DESCRIPTORS,
+    BodyBudget,
+    Conn,
+    Deadlines,
+    connection_waiting,
+    listen,
+    victim,
+)
 from refresher.httpwire import (
     CONTINUE,
     SERVER,
@@ -74,54 +75,9 @@ _ACCEPT_BATCH = 64  # accepts per wake-up, so a connect storm cannot starve the 
 # one packet gets one answer per round of the loop, like a client that sends them one by
 # one; its other requests wait their turn, so it cannot hold every other client back.
 _ANSWERS_PER_TURN = 1
-# Bodies up to this size are never held to `max_bodies_bytes` (a typical admission review
-# is a few KiB: a crowd of big bodies must not turn it away); bigger ones share the budget.
-_SMALL_BODY_BYTES = 64 << 10
-# A body that received nothing for this long may be dropped to make room for another: a
-# real client sends its body without pauses, so only stalled ones make room.
-_BODY_STALL_S = 1.0
 _LOG_EVERY_S = 10.0  # one line per kind of trouble at most this often: clients cannot flood logs
 _DEFAULT_LIMITS = Limits()
 _FAILURE = Response(500, b'{"error": "500 Internal Server Error"}\n', "application/json")
-
-
-# Connection states. An idle kept-alive connection is in _HEAD with an empty buffer.
-_HANDSHAKE, _HEAD, _BODY, _LINGER = "handshake", "head", "body", "linger"
-
-
-class _Conn:
-    __slots__ = (
-        "body",
-        "buf",
-        "close_after",
-        "drained",
-        "events",
-        "filled",
-        "head",
-        "out",
-        "peer",
-        "received_at",
-        "reserved",
-        "sock",
-        "state",
-        "timer",
-    )
-
-    def __init__(self, sock: socket.socket, peer: str, tls: bool) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.buf = bytearray()  # head bytes (and what follows them) not yet parsed
-        self.body = bytearray()  # sized to the announced length; `filled` bytes received
-        self.filled = 0
-        self.received_at = 0.0  # when the body last received bytes (monotonic)
-        self.reserved = 0  # its share of HttpServer._body_bytes
-        self.state = _HANDSHAKE if tls else _HEAD
-        self.timer = ""  # the kind of deadline armed, a key of HttpServer._timers
-        self.events = selectors.EVENT_READ
-        self.out = b""  # response bytes not yet sent
-        self.close_after = False
-        self.head: Head | None = None
-        self.drained = 0
 
 
 class HttpServer:
@@ -144,39 +100,18 @@ class HttpServer:
         self._methods = methods
         self._tls = tls
         self._name = name
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((host, port))
-            # A burst of probes and scrapes waits in the kernel's backlog, not refused.
-            listener.listen(511)
-            listener.setblocking(False)
-        except OSError:
-            listener.close()
-            raise
-        self._listener = listener
+        self._listener = listener = listen(host, port)
         self._port = int(listener.getsockname()[1])
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(listener, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._conns: OrderedDict[_Conn, None] = OrderedDict()  # least recently active first
+        self._conns: OrderedDict[Conn, None] = OrderedDict()  # least recently active first
         # Connections holding complete requests not answered yet (their turn comes next).
-        self._backlog: OrderedDict[_Conn, None] = OrderedDict()
-        self._body_bytes = 0  # bodies in flight: sum of their announced lengths
-        self._body_budget = max(limits.max_bodies_bytes, limits.max_body_bytes)
-        self._durations = {
-            "head": limits.head_timeout_s,
-            "body": limits.body_timeout_s,
-            "idle": limits.idle_timeout_s,
-            "send": limits.send_timeout_s,
-            "linger": limits.linger_s,
-        }
-        # One queue per kind of deadline: each kind adds a constant to a monotonic clock, so
-        # every queue is already in deadline order and expiry is O(1) per connection.
-        self._timers = {kind: OrderedDict[_Conn, float]() for kind in self._durations}
+        self._backlog: OrderedDict[Conn, None] = OrderedDict()
+        self._bodies = BodyBudget(limits)
+        self._deadlines = Deadlines(limits)
         self._paused_until = 0.0  # the listener, after running out of file descriptors
         self._logged_at: dict[str, float] = {}
         self._date = (0, "")
@@ -244,18 +179,18 @@ class HttpServer:
         for sock in (self._listener, self._wake_r, self._wake_w):
             sock.close()
 
-    def _dispatch(self, conn: _Conn) -> None:
+    def _dispatch(self, conn: Conn) -> None:
         if conn not in self._conns:
             return  # closed earlier in this round of events
         self._conns.move_to_end(conn)
         try:
-            if conn.state == _HANDSHAKE:
+            if conn.state == HANDSHAKE:
                 self._handshake(conn)
             elif conn.out:
                 if self._flush(conn):
                     self._advance(conn)
                     self._read_pending(conn)
-            elif conn.state == _LINGER:
+            elif conn.state == LINGER:
                 self._drain(conn)
             elif conn in self._backlog:  # its next buffered request, before reading more
                 del self._backlog[conn]
@@ -269,7 +204,8 @@ class HttpServer:
             self._close(conn)
 
     def _next_timeout(self) -> float | None:
-        firsts = [next(iter(q.values())) for q in self._timers.values() if q]
+        first = self._deadlines.first()
+        firsts = [] if first is None else [first]
         if self._paused_until:
             firsts.append(self._paused_until)
         if not firsts:
@@ -277,34 +213,23 @@ class HttpServer:
         return max(0.0, min(firsts) - time.monotonic())
 
     def _expire(self, now: float) -> None:
-        for queue in self._timers.values():
-            while queue:
-                conn, deadline = next(iter(queue.items()))
-                if deadline > now:
-                    break
-                self._counts["timeouts"] += 1
-                self._close(conn)  # slow, idle or silent: nothing more is owed to it
+        for conn in self._deadlines.expired(now):
+            self._counts["timeouts"] += 1
+            self._close(conn)  # slow, idle or silent: nothing more is owed to it
         if self._paused_until and now >= self._paused_until:
             self._paused_until = 0.0
             self._selector.register(self._listener, selectors.EVENT_READ, None)
 
-    def _arm(self, conn: _Conn, kind: str) -> None:
-        if conn.timer:
-            self._timers[conn.timer].pop(conn, None)
-        conn.timer = kind
-        if kind:
-            self._timers[kind][conn] = time.monotonic() + self._durations[kind]
-
-    def _want(self, conn: _Conn, events: int) -> None:
+    def _want(self, conn: Conn, events: int) -> None:
         if conn.events != events:
             self._selector.modify(conn.sock, events, conn)
             conn.events = events
 
-    def _close(self, conn: _Conn) -> None:
+    def _close(self, conn: Conn) -> None:
         if self._conns.pop(conn, False) is not False:
-            self._arm(conn, "")
+            self._deadlines.arm(conn, "")
             self._backlog.pop(conn, None)
-            self._drop_body(conn)
+            self._bodies.release(conn)
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._selector.unregister(conn.sock)
             conn.sock.close()
@@ -323,46 +248,34 @@ class HttpServer:
                 self._out_of_descriptors(exc)
                 return
             if len(self._conns) >= self._limits.max_connections:
-                self._counts["evicted"] += 1
-                self._close(self._victim())
+                self._evict()
             self._counts["accepted"] += 1
             try:
                 self._adopt(sock, address)
             except OSError:  # reset between accept and setup
                 sock.close()
 
-    def _victim(self) -> _Conn:
-        """The connection to close for a new one: a refused one still draining its input
-        (it has its answer), else the one quiet longest."""
-        lingering = self._timers["linger"]
-        return next(iter(lingering)) if lingering else next(iter(self._conns))
-
     def _out_of_descriptors(self, exc: OSError) -> None:
-        if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+        if exc.errno not in OUT_OF_DESCRIPTORS:
             return  # a connection reset before it was accepted: nothing to do
-        if not self._connection_waiting():
+        if not connection_waiting(self._listener):
             # Linux takes the descriptor before it looks for a connection: with the last one
             # just used, the next accept fails although nobody waits. Nothing to make room for.
             return
         self._log(logging.WARNING, "out of file descriptors: closing a connection to accept one")
         if self._conns:
-            self._counts["evicted"] += 1
-            self._close(self._victim())
+            self._evict()
         else:  # nothing to give back: stop accepting for a moment rather than spin
             self._selector.unregister(self._listener)
             self._paused_until = time.monotonic() + 0.5
 
-    def _connection_waiting(self) -> bool:
-        """Whether a connection waits in the backlog (poll needs no descriptor of its own)."""
-        poller = select.poll()
-        poller.register(self._listener, select.POLLIN)
-        return bool(poller.poll(0))
+    def _evict(self) -> None:
+        self._counts["evicted"] += 1
+        self._close(victim(self._conns, self._deadlines))
 
     def _adopt(
         self, sock: socket.socket, address: tuple[str, int] | tuple[str, int, int, int]
     ) -> None:
-        host, port = address[0], address[1]
-        peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._tls is not None:
@@ -373,36 +286,28 @@ class HttpServer:
                 self._log(logging.ERROR, "no TLS context: %s", type(exc).__name__)
                 sock.close()
                 return
-        conn = _Conn(sock, peer, tls=self._tls is not None)
+        conn = Conn(sock, address, tls=self._tls is not None)
         self._selector.register(sock, selectors.EVENT_READ, conn)
         self._conns[conn] = None
-        self._arm(conn, "head")  # the handshake counts against the head deadline
+        self._deadlines.arm(conn, "head")  # the handshake counts against the head deadline
 
-    def _handshake(self, conn: _Conn) -> None:
-        assert isinstance(conn.sock, ssl.SSLSocket)  # noqa: S101 - only TLS connections get here
+    def _handshake(self, conn: Conn) -> None:
         try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._want(conn, selectors.EVENT_READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._want(conn, selectors.EVENT_WRITE)
-            return
+            wanted = conn.handshake()
         except OSError:  # ssl.SSLError included: a scanner, an old client, a wrong CA
             self._counts["tls_failures"] += 1
             self._close(conn)
             return
-        conn.state = _HEAD
-        self._want(conn, selectors.EVENT_READ)
-        if conn.sock.pending():
-            self._read(conn)
+        self._want(conn, wanted or selectors.EVENT_READ)
+        if not wanted:
+            self._read_pending(conn)  # TLS may hold decrypted bytes the selector cannot see
 
     # ------------------------------------------------------------------ reading
 
-    def _read(self, conn: _Conn) -> None:
+    def _read(self, conn: Conn) -> None:
         while True:
             try:
-                count = self._receive(conn)
+                count = conn.receive(self._limits.max_head_bytes)
             except (BlockingIOError, ssl.SSLWantReadError):
                 self._want(conn, selectors.EVENT_READ)
                 return
@@ -415,113 +320,87 @@ class HttpServer:
             if not count:  # the client is gone (or half-closed with nothing pending for us)
                 self._close(conn)
                 return
-            if conn.state == _HEAD and conn.timer == "idle":
-                self._arm(conn, "head")  # a new request on a kept-alive connection
+            if conn.state == HEAD and conn.timer == "idle":
+                self._deadlines.arm(conn, "head")  # a new request on a kept-alive connection
             self._advance(conn)
             if not self._has_pending(conn):
                 return
 
-    def _receive(self, conn: _Conn) -> int:
-        """One read into the body (straight into its buffer) or the head buffer; 0 at EOF."""
-        if conn.state == _BODY:
-            with memoryview(conn.body) as view:
-                count = conn.sock.recv_into(view[conn.filled :])
-            conn.filled += count
-            conn.received_at = time.monotonic()
-            return count
-        size = self._limits.max_head_bytes + 1 - len(conn.buf)
-        data = conn.sock.recv(min(max(size, 1), 65536))
-        conn.buf += data
-        return len(data)
-
-    def _has_pending(self, conn: _Conn) -> bool:
+    def _has_pending(self, conn: Conn) -> bool:
         """TLS may hold decrypted bytes the selector cannot see, to be read now."""
         sock = conn.sock
-        if conn not in self._conns or conn.out or conn.state not in (_HEAD, _BODY):
+        if conn not in self._conns or conn.out or conn.state not in (HEAD, BODY):
             return False
         if conn in self._backlog:
             return False  # read on its next turn
         return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
-    def _read_pending(self, conn: _Conn) -> None:
+    def _read_pending(self, conn: Conn) -> None:
         if self._has_pending(conn):
             self._read(conn)
 
-    def _advance(self, conn: _Conn) -> None:
-        """Parse and answer the complete requests the buffer holds, `_ANSWERS_PER_TURN` of
-        them; the connection then goes to the backlog if it has more bytes buffered."""
-        answered = 0
-        while conn in self._conns and not conn.out:
-            if answered == _ANSWERS_PER_TURN:
-                if conn.buf:
-                    self._backlog[conn] = None
+    def _advance(self, conn: Conn) -> None:
+        """Answer the complete requests the buffer holds, `_ANSWERS_PER_TURN` of them; the
+        connection then goes to the backlog if it has more bytes buffered."""
+        for _ in range(_ANSWERS_PER_TURN):
+            if not self._answer_next(conn):
                 return
-            if conn.state == _HEAD:
+        if conn.buf:
+            self._backlog[conn] = None
+
+    def _answer_next(self, conn: Conn) -> bool:
+        """Parse and answer the next complete request buffered; True when it is answered and
+        the answer sent in full (False: waiting for bytes or for the client, or closed)."""
+        while conn in self._conns and not conn.out:
+            if conn.state == HEAD:
                 head = self._take_head(conn)
                 if head is None:
-                    return
+                    return False
                 if head.length:
                     if not self._start_body(conn, head):
-                        return
-                    if head.headers.get("expect", "").lower() == "100-continue":
-                        conn.out = CONTINUE
-                        if not self._flush(conn):
-                            return
+                        return False
                     continue
                 self._answer(conn, head, b"")
-            elif conn.state == _BODY:
-                assert conn.head is not None  # noqa: S101
-                head = conn.head
-                if conn.filled < head.length:
-                    return
-                body = bytes(conn.body)
-                self._drop_body(conn)
-                conn.head, conn.state = None, _HEAD
-                self._answer(conn, head, body)
+            elif conn.body_complete():
+                self._answer(conn, *self._take_body(conn))
             else:
-                return
-            answered += 1
-            if not self._flush(conn):
-                return
+                return False
+            return self._flush(conn)
+        return False
 
-    def _start_body(self, conn: _Conn, head: Head) -> bool:
-        """Reserve the announced length and take what of the body came with the head; False
-        when refused (503: the budget is held by bodies that are still arriving)."""
-        small = head.length <= _SMALL_BODY_BYTES or len(conn.buf) >= head.length
-        if not small and not self._make_room(head.length):
+    def _start_body(self, conn: Conn, head: Head) -> bool:
+        """Reserve the announced length, take what of the body came with the head and ask
+        for the rest; False when refused (503: the budget is held by bodies that are still
+        arriving) or when the 100 Continue is not sent yet."""
+        exempt = self._bodies.exempt(head, len(conn.buf))
+        if not exempt and not self._make_room(head.length):
             self._refuse(conn, Refusal(503, (("Retry-After", "1"),)))
             return False
-        conn.head, conn.state = head, _BODY
-        # Allocated once at the announced length: no over-allocation as it grows, no copy.
-        conn.body = bytearray(head.length)
-        conn.filled = min(len(conn.buf), head.length)
-        conn.body[: conn.filled] = conn.buf[: conn.filled]
-        del conn.buf[: conn.filled]
-        conn.received_at = time.monotonic()
-        conn.reserved = 0 if small else head.length
-        self._body_bytes += conn.reserved
-        self._arm(conn, "body")
+        conn.start_body(head)
+        self._bodies.reserve(conn, 0 if exempt else head.length)
+        self._deadlines.arm(conn, "body")
+        if head.headers.get("expect", "").lower() == "100-continue":
+            conn.out = CONTINUE
+            return self._flush(conn)
         return True
 
     def _make_room(self, length: int) -> bool:
-        """Whether `length` more fits the budget once bodies stalled for `_BODY_STALL_S`
-        are dropped, quiet longest first. Dropping busy ones instead would let a crowd
-        starting bodies in turn drop every real one, and churn connections."""
-        stalled = time.monotonic() - _BODY_STALL_S
-        for other in list(self._conns):  # least recently active first
-            if self._body_bytes + length <= self._body_budget:
-                return True
-            if other.reserved and other.received_at <= stalled:
-                self._counts["evicted"] += 1
-                self._log(logging.WARNING, "bodies in flight over budget: dropping a stalled one")
-                self._close(other)
-        return self._body_bytes + length <= self._body_budget
+        """Whether `length` more fits the body budget once stalled bodies are dropped."""
+        for other in self._bodies.stalled(length, self._conns):
+            self._counts["evicted"] += 1
+            self._log(logging.WARNING, "bodies in flight over budget: dropping a stalled one")
+            self._close(other)
+        return self._bodies.fits(length)
 
-    def _drop_body(self, conn: _Conn) -> None:
-        self._body_bytes -= conn.reserved
-        conn.body, conn.filled, conn.reserved = bytearray(), 0, 0
+    def _take_body(self, conn: Conn) -> tuple[Head, bytes]:
+        """The request whose body is complete; the connection waits for the next head."""
+        assert conn.head is not None  # noqa: S101 - body_complete() said so
+        head, body = conn.head, bytes(conn.body)
+        self._bodies.release(conn)
+        conn.head, conn.state = None, HEAD
+        return head, body
 
-    def _take_head(self, conn: _Conn) -> Head | None:
+    def _take_head(self, conn: Conn) -> Head | None:
         """The next complete head from the buffer, or None (waiting, or refused)."""
         try:
             length = head_length(conn.buf, self._limits.max_head_bytes)
@@ -534,23 +413,14 @@ class HttpServer:
             self._refuse(conn, refusal)
             return None
 
-    def _drain(self, conn: _Conn) -> None:
+    def _drain(self, conn: Conn) -> None:
         """A refused client's further input: read and thrown away, up to the linger budget."""
-        for _ in range(4):
-            try:
-                count = conn.sock.recv_into(self._scratch)
-            except (BlockingIOError, ssl.SSLWantReadError):
-                return
-            except OSError:
-                count = 0
-            conn.drained += count
-            if not count or conn.drained > self._limits.linger_bytes:
-                self._close(conn)
-                return
+        if conn.discard(self._scratch, self._limits.linger_bytes):
+            self._close(conn)
 
     # ------------------------------------------------------------------ answering
 
-    def _answer(self, conn: _Conn, head: Head, body: bytes) -> None:
+    def _answer(self, conn: Conn, head: Head, body: bytes) -> None:
         self._counts["requests"] += 1
         path, _, query = head.target.partition("?")
         request = Request(head.method, path, query, head.headers, body, conn.peer)
@@ -565,12 +435,12 @@ class HttpServer:
             data = serialize(_FAILURE, head_only=head_only, close=close, date=self._http_date())
         conn.out, conn.close_after = data, close
 
-    def _refuse(self, conn: _Conn, refusal: Refusal) -> None:
+    def _refuse(self, conn: Conn, refusal: Refusal) -> None:
         """Answer a request the server itself refuses, then close (after lingering)."""
         self._counts["refused"] += 1
         response = refusal.response()
         conn.out = serialize(response, head_only=False, close=True, date=self._http_date())
-        conn.close_after, conn.state = True, _LINGER
+        conn.close_after, conn.state = True, LINGER
         conn.buf = bytearray()
         self._flush(conn)
 
@@ -589,7 +459,7 @@ class HttpServer:
             self._date = (now, http_date(now))
         return self._date[1]
 
-    def _flush(self, conn: _Conn) -> bool:
+    def _flush(self, conn: Conn) -> bool:
         """Send what is pending; True when all is sent and the connection goes on."""
         try:
             sent = conn.sock.send(conn.out)
@@ -605,25 +475,25 @@ class HttpServer:
         if conn.out:  # the client reads slowly: wait, but not forever
             self._want(conn, selectors.EVENT_WRITE)
             if conn.timer != "send":
-                self._arm(conn, "send")
+                self._deadlines.arm(conn, "send")
             return False
         self._want(conn, selectors.EVENT_READ)
         if conn.close_after:
             self._finish(conn)
             return False
-        if conn.state == _HEAD:
-            self._arm(conn, "head" if conn.buf else "idle")
+        if conn.state == HEAD:
+            self._deadlines.arm(conn, "head" if conn.buf else "idle")
         elif conn.timer == "send":
-            self._arm(conn, "body")
+            self._deadlines.arm(conn, "body")
         return True
 
-    def _finish(self, conn: _Conn) -> None:
-        if conn.state != _LINGER:
+    def _finish(self, conn: Conn) -> None:
+        if conn.state != LINGER:
             self._close(conn)
             return
         # Refused mid-request: the client may still be sending. Closing now would reset the
         # connection and could destroy the answer before the client reads it.
         with contextlib.suppress(OSError):
             conn.sock.shutdown(socket.SHUT_WR)
-        self._arm(conn, "linger")
+        self._deadlines.arm(conn, "linger")
         self._drain(conn)
