@@ -10,7 +10,6 @@ import http.client
 import json
 import math
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -28,11 +27,10 @@ import jwt
 from prometheus_client.parser import text_string_to_metric_families
 
 from ims_emulator import AEM_CREDENTIALS_FILE, OAUTH_CREDENTIALS_FILE, Emulator
-from tests.conftest import Harness, secret_values
+from tests.support.harness import Harness, secret_values
+from tests.support.leaks import leak_counts
 
 PUBLISHED = ("access_token", "expires_at", "token.json")
-JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
-PRIVATE_KEY_HEADER = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 
 
 # --------------------------------------------------------------------------- the process
@@ -436,23 +434,25 @@ def dir_state(directory: Path, book: TokenBook | None = None) -> dict[str, Any]:
 def scan_for_secrets(
     texts: Iterable[str], credentials_dir: Path, tokens: Iterable[str] = ()
 ) -> dict[str, int]:
-    """Hits per kind in `texts`: client secrets, private-key lines and headers, anything
-    JWT-shaped (assertions, access tokens), and the access tokens we know by value."""
+    """Hits per kind in `texts` by the one leak scanner (tests/support/leaks.py): client
+    secrets, the private key (whole, re-wrapped or line by line), private-key headers,
+    anything JWT-shaped (assertions, access tokens), and the access tokens we know."""
+    values = secret_values(credentials_dir)
     aem = json.loads((credentials_dir / AEM_CREDENTIALS_FILE).read_text())["integration"]
     oauth = json.loads((credentials_dir / OAUTH_CREDENTIALS_FILE).read_text())
     client = [str(aem["technicalAccount"]["clientSecret"]), *map(str, oauth["client_secrets"])]
-    key_lines = [v for v in secret_values(credentials_dir) if v not in client]
-    known = [t for t in tokens if t]
+    groups = {
+        "client_secret": client,
+        "private_key": [v for v in values if v not in client],
+        "access_token": [t for t in tokens if t],
+    }
     hits: Counter[str] = Counter()
     scanned = 0
     for text in texts:
         scanned += len(text)
-        hits["client_secret"] += sum(text.count(v) for v in client)
-        hits["private_key_line"] += sum(text.count(v) for v in key_lines)
-        hits["private_key_header"] += len(PRIVATE_KEY_HEADER.findall(text))
-        hits["jwt_shaped"] += len(JWT_LIKE.findall(text))
-        hits["access_token"] += sum(text.count(v) for v in known)
-    return {"bytes_scanned": scanned, **{k: hits[k] for k in sorted(hits)}}
+        hits.update(leak_counts(text, groups))
+    kinds = [*groups, "private_key_header", "jwt_shaped"]
+    return {"bytes_scanned": scanned, **{k: hits[k] for k in sorted(kinds)}}
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Harness, wait_until
+from tests.support.harness import Harness, wait_until
 
 from .support import Refresher, TokenBook, client_ids, dir_state, percentiles, scan_for_secrets
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Harness, wait_until
-from tests.fakeapi import FakeApiServer
+from tests.support.fakeapi import FakeApiServer
+from tests.support.harness import Harness, wait_until
 
 from .support import Refresher, TokenBook, client_ids, scan_for_secrets
 

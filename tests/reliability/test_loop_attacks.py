@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-import tests.test_service as scripted
 from refresher import app
 from refresher.clock import EventSleeper, SystemClock
 from refresher.config import build_settings
@@ -39,10 +38,11 @@ from refresher.observer import Observer
 from refresher.service import Service, Stages
 from refresher.sinks.file import FileSink
 from refresher.token import AccessToken
-from tests.conftest import Harness, read_token, wait_until
-from tests.fakeapi import FakeApiServer
-from tests.fakes import FakeClock
 from tests.reliability.support import Refresher, observed_run
+from tests.support import scripted
+from tests.support.fakeapi import FakeApiServer
+from tests.support.fakes import FakeClock
+from tests.support.harness import Harness, read_token, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -460,9 +460,7 @@ def _stepped_run(tmp_path: Path, step_s: float) -> _Stepped:
     oauth.write_text('{"client_id": "client-1", "client_secret": "s3cr3t-v", "scopes": ["a"]}')
     clock = FakeClock()
     ims = scripted.ScriptedIms(clock, 3600)
-    service, sink, _, _, sleeper = scripted.make_service(
-        tmp_path, oauth, clock, ims, watch_interval="5"
-    )
+    rig = scripted.make_service(tmp_path, oauth, clock, ims, watch_interval="5")
     stepped: list[datetime] = []
     expired_seen: list[str] = []
     mono_end = clock.monotonic() + 3 * 3600
@@ -471,14 +469,14 @@ def _stepped_run(tmp_path: Path, step_s: float) -> _Stepped:
         if ims.calls and not stepped and clock.monotonic() >= 1000 + 600:
             clock.step_wall(step_s)
             stepped.append(clock.now())
-        held = sink.read_current()
+        held = rig.sink.read_current()
         if held is not None and not held.is_valid(clock.now()):
             expired_seen.append(clock.now().isoformat())
         if clock.monotonic() >= mono_end:
-            service.stop()
+            rig.service.stop()
 
-    sleeper.on_sleep.append(observe)
-    assert service.run() == 0
+    rig.sleeper.on_sleep.append(observe)
+    assert rig.service.run() == 0
     assert clock.monotonic() >= mono_end
     return _Stepped(ims.calls, stepped[0], expired_seen)
 

@@ -32,7 +32,7 @@ from refresher.metrics import Metrics
 from refresher.notify import TAIL_BYTES, Notifier
 from refresher.sinks.file import PUBLISHED, FileSink
 from refresher.token import AccessToken
-from tests.conftest import REPO, Harness, read_token
+from tests.support.harness import REPO, Harness, read_token
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from ims_emulator import Emulator
-from tests.conftest import Harness, wait_until
+from tests.support.harness import Harness, wait_until
 
 from .support import Refresher, TokenBook, client_ids, observed_run, percentiles, scan_for_secrets
 

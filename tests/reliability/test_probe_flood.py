@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import Harness, wait_until
+from tests.support.harness import Harness, wait_until
 
 from .support import Refresher, observed_run
 

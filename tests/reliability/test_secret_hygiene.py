@@ -18,7 +18,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from tests.conftest import Harness, wait_until
+from tests.support.harness import Harness, wait_until
 
 from .support import Refresher, TokenBook, client_ids, observed_run, scan_for_secrets
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Harness
+from tests.support.harness import Harness
 
 from .support import (
     DirReader,

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from ims_emulator import Emulator
-from tests.conftest import Harness
+from tests.support.harness import Harness
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,7 @@ from refresher.config import build_settings
 from refresher.credentials import load_credentials
 from refresher.errors import Transient
 from refresher.ims import ImsClient
-from tests.conftest import Harness, wait_until
+from tests.support.harness import Harness, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,9 @@
+"""Code the test groups share (not fixtures: those are in tests/conftest.py).
+
+keys       the one credentials generator: key material and every credentials shape
+leaks      the one leak scanner: secrets, private-key headers and JWT-shaped strings
+harness    the real CLI as a subprocess, with every output scanned at teardown
+scripted   the refresh loop wired to a scripted IMS and a fake clock
+fakes      a clock that a sleep advances
+fakeapi    the fake Kubernetes apiserver on a real socket
+"""

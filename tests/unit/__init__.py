@@ -1,0 +1,1 @@
+"""One module or pure function at a time; servers only over loopback sockets."""
