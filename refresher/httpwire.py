@@ -111,7 +111,24 @@ def parse_head(raw: bytes, limits: Limits, methods: frozenset[str]) -> Head:
     """The request line and headers of `raw` (a complete head); raises Refusal."""
     # One CR may end a line; any other (a bare CR, RFC 9112, 2.2) fails the checks below.
     lines = [line.removesuffix("\r") for line in raw.decode("latin-1").split("\n")]
-    parts = lines[0].split(" ")
+    method, target, version = _request_line(lines[0])
+    headers = _parse_headers([f for f in lines[1:] if f], limits.max_headers)
+    if method not in methods:
+        # Unknown to HTTP: 501; known but not served here: 405 with what is.
+        allow = (("Allow", ", ".join(sorted(methods))),)
+        raise Refusal(405 if method in _KNOWN_METHODS else 501, allow)
+    length = _body_length(headers, limits.max_body_bytes)
+    expect = headers.get("expect")
+    if expect is not None and expect.lower() != "100-continue":
+        raise Refusal(417)
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    keep_alive = version == "HTTP/1.1" and "close" not in tokens
+    return Head(method, target, MappingProxyType(headers), length, keep_alive)
+
+
+def _request_line(line: str) -> tuple[str, str, str]:
+    """Method, target and version, each checked; raises Refusal."""
+    parts = line.split(" ")
     if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]):
         raise Refusal(400)
     method, target, version = parts
@@ -119,25 +136,20 @@ def parse_head(raw: bytes, limits: Limits, methods: frozenset[str]) -> Head:
         raise Refusal(505 if _VERSION.fullmatch(version) else 400)
     if not _TARGET.fullmatch(target):
         raise Refusal(400)
-    headers = _parse_headers([f for f in lines[1:] if f], limits.max_headers)
-    if method not in methods:
-        # Unknown to HTTP: 501; known but not served here: 405 with what is.
-        allow = (("Allow", ", ".join(sorted(methods))),)
-        raise Refusal(405 if method in _KNOWN_METHODS else 501, allow)
+    return method, target, version
+
+
+def _body_length(headers: Mapping[str, str], max_body_bytes: int) -> int:
+    """The announced length of the body (0 without one); raises Refusal."""
     if "transfer-encoding" in headers:
         raise Refusal(501)  # chunked bodies are not accepted; Content-Length is
     length_text = headers.get("content-length", "0")
     if not _LENGTH.fullmatch(length_text):
         raise Refusal(400)
     length = int(length_text)
-    if length > limits.max_body_bytes:
+    if length > max_body_bytes:
         raise Refusal(413)
-    expect = headers.get("expect")
-    if expect is not None and expect.lower() != "100-continue":
-        raise Refusal(417)
-    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-    keep_alive = version == "HTTP/1.1" and "close" not in tokens
-    return Head(method, target, MappingProxyType(headers), length, keep_alive)
+    return length
 
 
 def _parse_headers(lines: list[str], max_headers: int) -> dict[str, str]:
