@@ -11,8 +11,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-from prometheus_client import CollectorRegistry, disable_created_metrics
+from typing import TYPE_CHECKING
 
 from refresher import __version__
 from refresher.clock import Clock, EventSleeper, SystemClock
@@ -21,13 +20,16 @@ from refresher.errors import EXIT_OK, EXIT_RUNTIME, ConfigError, RefresherError
 from refresher.health import HealthState
 from refresher.ims import ImsClient
 from refresher.logs import SecretRegistry, setup_logging
-from refresher.metrics import Metrics
-from refresher.notify import Notifier
 from refresher.observer import Observer
-from refresher.server import ProbeServer
 from refresher.service import Service, Stages
 from refresher.sinks import Sink
 from refresher.sinks.file import FileSink
+
+if TYPE_CHECKING:
+    # Imported on use: a process that serves no metrics (`once`, `run` without --listen)
+    # never loads prometheus_client (~30 ms and ~1.5 MiB) nor the probe server.
+    from refresher.metrics import Metrics
+    from refresher.server import ProbeServer
 
 log = logging.getLogger("refresher")
 
@@ -35,6 +37,16 @@ log = logging.getLogger("refresher")
 # progress; together well inside 2 s and Kubernetes' default 30 s grace period.
 _JOIN_GRACE_S = 1.0
 _PUBLISH_GRACE_S = 0.8
+
+
+def _metrics() -> Metrics:
+    from prometheus_client import CollectorRegistry, disable_created_metrics  # noqa: PLC0415
+
+    from refresher.metrics import Metrics  # noqa: PLC0415 - see the imports
+
+    # No `*_created` series: half the scrape size, and no use here.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    return Metrics(CollectorRegistry(auto_describe=True))
 
 
 def _sinks(settings: Settings, clock: Clock, environ: Mapping[str, str]) -> list[Sink]:
@@ -65,7 +77,7 @@ class App:
     settings: Settings
     service: Service
     health: HealthState
-    metrics: Metrics
+    metrics: Metrics | None
     wake_main: threading.Event
 
     @classmethod
@@ -73,18 +85,20 @@ class App:
         secrets = SecretRegistry()
         setup_logging(settings.log_format, settings.log_level, secrets)
         clock = SystemClock()
-        # No `*_created` series: half the scrape size, and no use here.
-        disable_created_metrics()  # type: ignore[no-untyped-call]
-        metrics = Metrics(CollectorRegistry(auto_describe=True))
+        out = settings.output
+        serves = command == "run" and settings.listen is not None
+        metrics = _metrics() if serves or out.on_refresh else None
         ims = settings.ims
         stall_after_s = max(60.0, 3 * (ims.connect_timeout_s + ims.read_timeout_s))
         health = HealthState(
             clock, stall_after_s=stall_after_s + 3 * settings.schedule.watch_interval_s
         )
         sinks = _sinks(settings, clock, environ)
-        out = settings.output
         notifier = None
         if out.on_refresh:
+            from refresher.notify import Notifier  # noqa: PLC0415 - only with --on-refresh
+
+            assert metrics is not None  # noqa: S101 - built above for --on-refresh
             notifier = Notifier(
                 out.on_refresh,
                 timeout_s=out.on_refresh_timeout_s,
@@ -92,7 +106,8 @@ class App:
                 metrics=metrics,
             )
         client = ImsClient(ims)
-        metrics.follow_clock_skew(lambda: client.clock_skew_s)
+        if metrics is not None:
+            metrics.follow_clock_skew(lambda: client.clock_skew_s)
         stages = Stages(clock, EventSleeper(), client, sinks, secrets, notifier)
         service = Service(settings, stages, Observer(clock, metrics, health))
         log.info(
@@ -121,8 +136,10 @@ class App:
 
     def _start_server(self) -> ProbeServer | None:
         listen = self.settings.listen
-        if listen is None:
+        if listen is None or self.metrics is None:
             return None
+        from refresher.server import ProbeServer  # noqa: PLC0415 - see the imports
+
         try:
             server = ProbeServer(*listen, self.health, self.metrics)
         except OSError as exc:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from refresher.clock import Clock
 from refresher.errors import RefresherError
 from refresher.health import HealthState
-from refresher.metrics import Metrics
 from refresher.token import AccessToken, rfc3339
+
+if TYPE_CHECKING:  # prometheus_client is imported only by a process that serves metrics
+    from refresher.metrics import Metrics
 
 log = logging.getLogger("refresher.service")
 
@@ -28,9 +31,13 @@ def _say(level: int, event: str, message: str, *args: object, **fields: object) 
 
 
 class Observer:
-    """The one listener of the loop's events: metrics, health and logs."""
+    """The one listener of the loop's events: metrics, health and logs.
 
-    def __init__(self, clock: Clock, metrics: Metrics, health: HealthState) -> None:
+    `metrics` is None where nothing serves them (`once`, `run` without --listen): such a
+    process never imports prometheus_client (its import alone costs tens of ms at start).
+    """
+
+    def __init__(self, clock: Clock, metrics: Metrics | None, health: HealthState) -> None:
         self.clock = clock
         self.metrics = metrics
         self.health = health
@@ -49,7 +56,8 @@ class Observer:
     # ---- obtaining a token ---------------------------------------------------------
 
     def exchange_took(self, flow: str, seconds: float) -> None:
-        self.metrics.exchange_duration.labels(flow=flow).observe(seconds)
+        if self.metrics is not None:
+            self.metrics.exchange_duration.labels(flow=flow).observe(seconds)
 
     def minted(self, token: AccessToken) -> None:
         self._succeeded()
@@ -68,7 +76,8 @@ class Observer:
         """A published token taken instead of minting. `why`: `start` (found at start),
         `shared` (another replica published it before our mint), `race` (another writer
         won the write)."""
-        self.metrics.adopted.labels(source=source).inc()
+        if self.metrics is not None:
+            self.metrics.adopted.labels(source=source).inc()
         if why == "shared":
             self._succeeded()
         messages = {
@@ -99,9 +108,10 @@ class Observer:
 
     def attempt_failed(self, exc: RefresherError, *, transient: bool) -> None:
         result = "retryable_error" if transient else "permanent_error"
-        self.metrics.refresh.labels(result=result).inc()
         failures = self.health.failed(str(exc))
-        self.metrics.consecutive_failures.set(failures)
+        if self.metrics is not None:
+            self.metrics.refresh.labels(result=result).inc()
+            self.metrics.consecutive_failures.set(failures)
         _say(
             logging.WARNING,
             "refresh_failed",
@@ -151,7 +161,8 @@ class Observer:
     # ---- publishing ----------------------------------------------------------------
 
     def published(self, sink: str, token: AccessToken) -> None:
-        self.metrics.sink_write.labels(sink=sink, result="success").inc()
+        if self.metrics is not None:
+            self.metrics.sink_write.labels(sink=sink, result="success").inc()
         self.health.heartbeat()  # a slow API server must not look like a stall
         _say(
             logging.INFO,
@@ -163,7 +174,8 @@ class Observer:
         )
 
     def publish_failed(self, sink: str, exc: RefresherError) -> None:
-        self.metrics.sink_write.labels(sink=sink, result="error").inc()
+        if self.metrics is not None:
+            self.metrics.sink_write.labels(sink=sink, result="error").inc()
         self.health.heartbeat()
         _say(logging.ERROR, "publish_failed", "publishing failed: %s", exc, sink=sink)
 
@@ -179,8 +191,9 @@ class Observer:
     def serving(self, token: AccessToken) -> None:
         """`token` is what readers now get: ready, and the expiry gauge follows it."""
         self.health.published(token.expires_at)
-        self.metrics.token_expiry.set(token.expires_at.timestamp())
-        self.metrics.last_success.set(self.clock.now().timestamp())
+        if self.metrics is not None:
+            self.metrics.token_expiry.set(token.expires_at.timestamp())
+            self.metrics.last_success.set(self.clock.now().timestamp())
 
     def scheduled(self, refresh_at: datetime, token: AccessToken) -> None:
         _say(
@@ -194,7 +207,8 @@ class Observer:
     # ---- the credentials ---------------------------------------------------------------
 
     def credentials_changed(self, path: str) -> None:
-        self.metrics.credentials_reload.inc()
+        if self.metrics is not None:
+            self.metrics.credentials_reload.inc()
         _say(
             logging.INFO,
             "credentials_changed",
@@ -205,7 +219,8 @@ class Observer:
     def certificate(self, not_after: datetime) -> None:
         """The credentials' certificate: a gauge always; a log line at start, then once a
         day (or when it changes) inside the warning window, not on every retry."""
-        self.metrics.certificate_expiry.set(not_after.timestamp())
+        if self.metrics is not None:
+            self.metrics.certificate_expiry.set(not_after.timestamp())
         days_left = (not_after - self.clock.now()).total_seconds() / 86400
         key = (not_after, int(days_left))
         if key == self._certificate_reported:
@@ -234,6 +249,7 @@ class Observer:
             )
 
     def _succeeded(self) -> None:
-        self.metrics.refresh.labels(result="success").inc()
         self.health.succeeded()
-        self.metrics.consecutive_failures.set(0)
+        if self.metrics is not None:
+            self.metrics.refresh.labels(result="success").inc()
+            self.metrics.consecutive_failures.set(0)

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tenacity import RetryCallState, Retrying, retry_if_exception
 
@@ -31,7 +31,6 @@ from refresher.errors import (
     Transient,
 )
 from refresher.logs import SecretRegistry
-from refresher.notify import Notifier
 from refresher.observer import Observer
 from refresher.schedule import (
     Issuer,
@@ -46,6 +45,9 @@ from refresher.schedule import (
 )
 from refresher.sinks import Sink
 from refresher.token import AccessToken, rfc3339
+
+if TYPE_CHECKING:  # imported by the app only when --on-refresh is set
+    from refresher.notify import Notifier
 
 
 class Exchanger(Protocol):
