@@ -88,7 +88,7 @@ soak: $(STAMP)
 	$(BIN)/python -m pytest -q -m soak tests/reliability --soak-minutes=$${SOAK_MINUTES:-10}
 
 fuzz: $(STAMP)
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-10000} $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -k "fuzz or random or mutated or truncated" tests/test_credentials.py tests/test_fuzz_ims.py
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-10000} $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -k "fuzz or random or mutated or truncated" tests/unit/test_credentials.py tests/unit/test_fuzz_ims.py
 
 ## image: build the container image with Docker
 image:
@@ -104,7 +104,7 @@ manifests: $(STAMP)
 	  echo "--- $$d"; $(BIN)/kubectl kustomize $$d || exit 1; done
 
 validate: $(STAMP)
-	$(BIN)/python -m pytest -q tests/test_manifests.py
+	$(BIN)/python -m pytest -q tests/deploy/test_manifests.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
