@@ -228,32 +228,46 @@ def _containers_option(text: str | None) -> tuple[str, ...] | None:
     return names
 
 
+_NOT_AN_ENDPOINT = "not a host or an https URL"
+
+
 def _endpoint_option(text: str | None) -> str | None:
     if text is None:
         return None
+    problem = _endpoint_text_problem(text) or _endpoint_url_problem(text)
+    if problem:
+        _invalid(IMS_ENDPOINT, text, problem)
+    return text
+
+
+def _endpoint_text_problem(text: str) -> str | None:
+    """What in the text itself makes it no host or URL to hand the refresher, or None."""
     if len(text) > 2048 or any(c.isspace() or not c.isprintable() for c in text):
-        _invalid(IMS_ENDPOINT, text, "not a host or an https URL")
+        return _NOT_AN_ENDPOINT
     if not text.isascii():
         # A homograph (a Cyrillic letter in adobelogin.com) reads as Adobe's host in a review.
-        _invalid(IMS_ENDPOINT, text, "not a host or an https URL (IDN hosts: use punycode)")
+        return f"{_NOT_AN_ENDPOINT} (IDN hosts: use punycode)"
     if "$" in text:
         # The kubelet expands $(VAR) in args from the container's environment (which
         # always has KUBERNETES_SERVICE_HOST): the refresher would get another host.
-        _invalid(IMS_ENDPOINT, text, "not a host or an https URL ($ is expanded by the kubelet)")
+        return f"{_NOT_AN_ENDPOINT} ($ is expanded by the kubelet)"
     if "@" in text:
         # Anyone who can read the pod reads its annotations; the refresher drops userinfo.
-        _invalid(IMS_ENDPOINT, text, "not a host or an https URL (no user:password@)")
+        return f"{_NOT_AN_ENDPOINT} (no user:password@)"
     if "://" not in text and not _HOST.fullmatch(text):
-        _invalid(IMS_ENDPOINT, text, "not a host or an https URL")
+        return _NOT_AN_ENDPOINT
+    return None
+
+
+def _endpoint_url_problem(text: str) -> str | None:
+    """Why `text` (a host, or a URL) is no https URL with a host, or None."""
     try:
         parts = urlsplit(text if "://" in text else f"https://{text}")
         ok = parts.scheme == "https" and bool(parts.hostname) and parts.port != 0
     except ValueError:  # a port out of range, an unbalanced bracket
         ok = False
-    if not ok:
-        # The injected refresher runs without --allow-insecure-http: plain http could never work.
-        _invalid(IMS_ENDPOINT, text, "not an https URL or a host")
-    return text
+    # The injected refresher runs without --allow-insecure-http: plain http could never work.
+    return None if ok else "not an https URL or a host"
 
 
 # --- the spec -------------------------------------------------------------------
@@ -284,9 +298,7 @@ def _injected_spec(spec: Mapping[str, Any], options: Options, image: str) -> Obj
     containers = [
         _with_mount(app, mount, options.token_path) if id(app) in selected else app for app in apps
     ]
-    context = spec.get("securityContext")
-    if context is not None and not isinstance(context, Mapping):
-        raise Refused("spec.securityContext must be an object")
+    context = _security_context(spec)
     changes: Obj = {
         "initContainers": [
             refresher_container(options, image),
@@ -294,10 +306,8 @@ def _injected_spec(spec: Mapping[str, Any], options: Options, image: str) -> Obj
         ],
         "containers": containers,
         "volumes": [*_objects(spec, "volumes", "spec"), *volumes(options)],
+        **context,
     }
-    if context is None or context.get("fsGroup") is None:
-        # The token files are 0440: the application reads them through this group.
-        changes["securityContext"] = {**(context or {}), "fsGroup": UID}
     injected: Obj = {}
     for key, value in spec.items():
         if key == "containers" and "initContainers" not in spec:
@@ -305,6 +315,17 @@ def _injected_spec(spec: Mapping[str, Any], options: Options, image: str) -> Obj
         injected[key] = value
     injected.update(changes)
     return injected
+
+
+def _security_context(spec: Mapping[str, Any]) -> Obj:
+    """The pod's securityContext with an fsGroup, as a change ({} when it has one)."""
+    context = spec.get("securityContext")
+    if context is not None and not isinstance(context, Mapping):
+        raise Refused("spec.securityContext must be an object")
+    if context is None or context.get("fsGroup") is None:
+        # The token files are 0440: the application reads them through this group.
+        return {"securityContext": {**(context or {}), "fsGroup": UID}}
+    return {}
 
 
 def _with_mount(container: Obj, mount: Obj, token_path: str) -> Obj:
