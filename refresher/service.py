@@ -126,6 +126,8 @@ class Service:
         self._stopping = threading.Event()
         self._signature: tuple[object, ...] = ()
         self._credentials_changed = False
+        # The last good read of the credentials, under the change signature taken before it.
+        self._loaded: tuple[tuple[object, ...], Credentials, Issuer] | None = None
         self._current: _Published | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -199,6 +201,22 @@ class Service:
         """Read the credentials, and whose tokens they mint. With `settle`, a not-ready
         read that reads the same a moment later is a permanent CredentialsError (broken,
         not half-written)."""
+        path = self.settings.credentials
+        # Every attempt notices a change: the signature (stat, links, listing; no read)
+        # is taken before reading, so a change during the read is read again next time.
+        # Unchanged, the files are not read and parsed again (with the key's certificate
+        # check, that was most of a cycle's own work).
+        signature = change_signature(path)
+        loaded = self._loaded
+        if loaded is None or loaded[0] != signature:
+            credentials, issuer = self._read(settle=settle)
+            self._loaded = loaded = (signature, credentials, issuer)
+        _, credentials, issuer = loaded
+        if credentials.certificate_not_after is not None:
+            self.observer.certificate(credentials.certificate_not_after)
+        return credentials, issuer
+
+    def _read(self, *, settle: bool) -> tuple[Credentials, Issuer]:
         path, flow = self.settings.credentials, self.settings.flow
         if settle:
             credentials = load_settled(path, flow=flow, wait=self.sleeper.sleep)
@@ -214,8 +232,6 @@ class Service:
         if problem is not None:
             # The credentials' own endpoint: the same verdict as `check` (exit 2).
             raise CredentialsError(problem, source=credentials.source)
-        if credentials.certificate_not_after is not None:
-            self.observer.certificate(credentials.certificate_not_after)
         return credentials, Issuer(credentials.client_id, base_url)
 
     def _held_tokens(self, *, shared_only: bool, when: str) -> list[tuple[Sink, AccessToken]]:
