@@ -407,6 +407,7 @@ def test_readme_values_table_matches_the_schema_and_defaults() -> None:
 def test_every_container_is_hardened(values: str) -> None:
     """Every container runs as 65532, non-root, read-only, without capabilities or service links."""
     objects = render(VALUE_SETS[values])
+    assert list(pod_specs(objects)), "the chart rendered no pod: nothing would be checked"
     problems = [
         f"{name} {container['name']}: {problem}"
         for name, pod in pod_specs(objects)

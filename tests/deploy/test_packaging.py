@@ -8,7 +8,6 @@ builder stage does it (a venv without pip of its own, filled by an outer pip).
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import json
 import os
@@ -19,13 +18,17 @@ import subprocess
 import sys
 import tomllib
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from ims_emulator import AEM_CREDENTIALS_FILE, OAUTH_CREDENTIALS_FILE
+from tests.support import keys
+from tests.support.harness import secret_values
+from tests.support.leaks import assert_no_leak
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -471,81 +474,27 @@ def test_installed_cli_lists_its_subcommands(installed: Path, tmp_path: Path) ->
         assert re.search(rf"\b{subcommand}\b", result.stdout), subcommand
 
 
-def _oauth_credentials(directory: Path) -> tuple[Path, str, str]:
-    path = directory / "oauth.json"
-    client_id, secret = "0a1b2c3d4e5f0a1b2c3d4e5f0a1b2c3d", "p8e-NOT-A-REAL-SECRET-0123456789"
-    path.write_text(
-        json.dumps(
-            {"client_id": client_id, "client_secret": secret, "scopes": ["openid", "AdobeID"]}
-        ),
-        encoding="utf-8",
-    )
-    return path, client_id, secret
-
-
-def _aem_service_credentials(directory: Path) -> tuple[Path, str, str]:
-    """An AEM Developer Console download, with a fresh RSA key and a matching certificate."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test")])
-    now = dt.datetime.now(dt.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=365))
-        .sign(key, hashes.SHA256())
-    )
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    ).decode()
-    public_pem = certificate.public_bytes(serialization.Encoding.PEM).decode()
-    client_id, secret = "cm-p12345-e67890-integration-1", "p8e-NOT-A-REAL-SECRET-9876543210"
-    document = {
-        "ok": True,
-        "integration": {
-            "imsEndpoint": "ims-na1.adobelogin.com",
-            "metascopes": "ent_aem_cloud_api",
-            "technicalAccount": {"clientId": client_id, "clientSecret": secret},
-            "email": "0123456789ABCDEF@techacct.adobe.com",
-            "id": "0123456789ABCDEF@techacct.adobe.com",
-            "org": "FEDCBA9876543210@AdobeOrg",
-            # The console writes PEMs with CRLF line ends.
-            "privateKey": private_pem.replace("\n", "\r\n"),
-            "publicKey": public_pem.replace("\n", "\r\n"),
-        },
-        "statusCode": 200,
-    }
-    path = directory / "aem-service-credentials.json"
-    path.write_text(json.dumps(document), encoding="utf-8")
-    return path, client_id, secret
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("make", "flow"), [(_oauth_credentials, "oauth"), (_aem_service_credentials, "jwt")]
+    ("filename", "flow", "client_id"),
+    [
+        (OAUTH_CREDENTIALS_FILE, "oauth", keys.OAUTH_CLIENT_ID),
+        (AEM_CREDENTIALS_FILE, "jwt", keys.CLIENT_ID),
+    ],
+    ids=["oauth", "jwt"],
 )
 def test_installed_check_accepts_valid_credentials(
-    installed: Path, tmp_path: Path, make: Callable[[Path], tuple[Path, str, str]], flow: str
+    installed: Path, tmp_path: Path, filename: str, flow: str, client_id: str
 ) -> None:
-    """`refresher check` exits 0 and prints the flow and client id, never the secret."""
-    path, client_id, secret = make(tmp_path)
+    """`refresher check` exits 0 and reports the flow and client id, never a secret."""
+    directory = keys.write_credentials(tmp_path / "credentials")
+    path = directory / filename
     result = refresher(installed, "check", "--credentials", str(path), cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert client_id in output
-    assert re.search(rf"\b{flow}\b", output, re.IGNORECASE), output
-    assert secret not in output
-    assert "PRIVATE KEY" not in output
+    report = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert (report["flow"], report["client_id"]) == (flow, client_id)
+    assert_no_leak(output, secret_values(directory))
 
 
 @pytest.mark.slow

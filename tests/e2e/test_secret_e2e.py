@@ -8,6 +8,7 @@ import base64
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,20 @@ NS = "team-a"
 NAME = "adobe-ims-token"
 
 
+@dataclass(frozen=True)
+class Api:
+    """The fake apiserver and the environment that points the CLI at it."""
+
+    server: FakeApiServer
+    env: dict[str, str]
+
+
 @pytest.fixture
-def api(harness: Harness) -> Iterator[tuple[FakeApiServer, dict[str, str]]]:
+def api(harness: Harness) -> Iterator[Api]:
+    """A fake apiserver serving namespace NS, and KUBECONFIG for it."""
     with FakeApiServer(namespaces=(NS,)) as server:
         kubeconfig = server.write_kubeconfig(harness.root / "kubeconfig", namespace=NS)
-        yield server, {"KUBECONFIG": str(kubeconfig)}
+        yield Api(server, {"KUBECONFIG": str(kubeconfig)})
 
 
 def secret_token(server: FakeApiServer) -> str | None:
@@ -35,11 +45,9 @@ def secret_token(server: FakeApiServer) -> str | None:
     return data["access_token"].decode() if "access_token" in data else None
 
 
-def test_once_creates_the_secret_then_adopts_it(
-    harness: Harness, api: tuple[FakeApiServer, dict[str, str]]
-) -> None:
+def test_once_creates_the_secret_then_adopts_it(harness: Harness, api: Api) -> None:
     """`once --secret` creates the Secret per the SPEC; a second `once` adopts, not re-mints."""
-    server, env = api
+    server, env = api.server, api.env
     emulator = harness.start_emulator()
     args = harness.args("once", harness.aem, "--secret", NAME, "--secret-namespace", NS)
     first = harness.run(*args, env=env)
@@ -61,11 +69,9 @@ def test_once_creates_the_secret_then_adopts_it(
     assert server.requests["DELETE"] == 0
 
 
-def test_three_replicas_share_one_token(
-    harness: Harness, api: tuple[FakeApiServer, dict[str, str]]
-) -> None:
+def test_three_replicas_share_one_token(harness: Harness, api: Api) -> None:
     """Three `run` replicas on one Secret cause about one IMS exchange per refresh cycle."""
-    server, env = api
+    server, env = api.server, api.env
     emulator = harness.start_emulator(token_ttl_s=4)
     args = harness.args("run", harness.oauth, "--secret", NAME, "--secret-namespace", NS)
     replicas = []
@@ -91,11 +97,9 @@ def test_three_replicas_share_one_token(
     assert server.requests["DELETE"] == 0
 
 
-def test_forbidden_secret_does_not_block_the_file(
-    harness: Harness, api: tuple[FakeApiServer, dict[str, str]]
-) -> None:
+def test_forbidden_secret_does_not_block_the_file(harness: Harness, api: Api) -> None:
     """With RBAC missing, `once` still publishes the file, names the missing verb, exits 1."""
-    server, env = api
+    server, env = api.server, api.env
     server.forbid("create")
     server.forbid("update")
     harness.start_emulator()
@@ -113,11 +117,9 @@ def test_forbidden_secret_does_not_block_the_file(
     harness.extra_secrets.append(read_token(out))
 
 
-def test_unreachable_api_keeps_refreshing_the_file(
-    harness: Harness, api: tuple[FakeApiServer, dict[str, str]]
-) -> None:
+def test_unreachable_api_keeps_refreshing_the_file(harness: Harness, api: Api) -> None:
     """With the API server down, `run` keeps the file fresh and recovers the Secret later."""
-    server, env = api
+    server, env = api.server, api.env
     server.down()
     harness.start_emulator(token_ttl_s=30)
     out = harness.root / "out"
@@ -147,11 +149,9 @@ def test_unreachable_api_keeps_refreshing_the_file(
     assert "unreachable" in output
 
 
-def test_missing_namespace_is_one_clear_line(
-    harness: Harness, api: tuple[FakeApiServer, dict[str, str]]
-) -> None:
+def test_missing_namespace_is_one_clear_line(harness: Harness, api: Api) -> None:
     """A Secret in a namespace that does not exist fails `once` with a line naming it."""
-    _, env = api
+    env = api.env
     harness.start_emulator()
     result = harness.run(
         *harness.args("once", harness.oauth, "--secret", NAME, "--secret-namespace", "nope"),
@@ -162,11 +162,9 @@ def test_missing_namespace_is_one_clear_line(
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_users_keys_and_labels_survive(
-    harness: Harness, api: tuple[FakeApiServer, dict[str, str]], tmp_path: Path
-) -> None:
+def test_users_keys_and_labels_survive(harness: Harness, api: Api, tmp_path: Path) -> None:
     """Keys, labels and annotations a user put on the Secret are kept across refreshes."""
-    server, env = api
+    server, env = api.server, api.env
     server.put_secret(
         {
             "metadata": {"name": NAME, "labels": {"team": "a"}, "annotations": {"note": "mine"}},

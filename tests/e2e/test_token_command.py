@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,12 +28,12 @@ pytestmark = pytest.mark.slow
 TOKEN_CHARS = re.compile(r"^[\x21-\x7e]+$")
 
 
-def _token(harness: Harness, credentials: Path, *extra: str) -> tuple[int, str, str]:
+def _token(harness: Harness, credentials: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """Run `token`; its stdout (the token) is taken out of the secret scan, stderr stays."""
     result = harness.run(*harness.args("token", credentials, *extra))
     harness.outputs.remove(result.stdout)
     assert not result.stdout or result.stdout not in result.stderr
-    return result.returncode, result.stdout, result.stderr
+    return result
 
 
 @pytest.mark.parametrize("flow", ["jwt", "oauth"])
@@ -41,11 +42,13 @@ def test_token_prints_only_the_token(harness: Harness, flow: str) -> None:
     the logs go to stderr and never hold it."""
     harness.start_emulator()
     credentials = harness.aem if flow == "jwt" else harness.oauth
-    code, out, err = _token(harness, credentials)
-    assert code == 0, err
+    result = _token(harness, credentials)
+    out, err = result.stdout, result.stderr
+    assert result.returncode == 0, err
     assert TOKEN_CHARS.match(out), "stdout holds more than the token"
     assert out.count(".") == 2  # the emulator's tokens are JWTs, like IMS's
     assert out not in err
+    assert err.splitlines(), "no log line on stderr"
     for line in err.splitlines():
         json.loads(line)  # every stderr line is a log line
     stats = harness.emulator.stats()  # type: ignore[union-attr]
@@ -59,10 +62,10 @@ def test_token_rejected_exits_3_with_the_hint(harness: Harness, tmp_path: Path) 
     document["client_secrets"] = ["p8e-" + "x" * 30]
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps(document))
-    code, out, err = _token(harness, wrong)
-    assert (code, out) == (3, "")
-    assert "invalid_client" in err
-    assert "hint: IMS refused the client secret" in err
+    result = _token(harness, wrong)
+    assert (result.returncode, result.stdout) == (3, "")
+    assert "invalid_client" in result.stderr
+    assert "hint: IMS refused the client secret" in result.stderr
 
 
 @pytest.mark.parametrize("flow", ["jwt", "oauth"])

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -283,9 +284,17 @@ def _vm_mib(pid: int, field: str) -> float:
     raise AssertionError(f"no {field} for {pid}")
 
 
-def _start_injector(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, ssl.SSLContext]:
-    """`refresher injector` on 127.0.0.1:0 with a fresh certificate: (process, port, a
-    client context trusting it)."""
+@dataclass(frozen=True)
+class Injector:
+    """A running `refresher injector`, its port and a client context that trusts it."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    client: ssl.SSLContext
+
+
+def _start_injector(tmp_path: Path) -> Injector:
+    """`refresher injector` on 127.0.0.1:0 with a fresh certificate."""
     cert, key = _self_signed(tmp_path)
     log = tmp_path / "injector.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHER_")}
@@ -305,7 +314,7 @@ def _start_injector(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, ssl.S
         for line in log.read_text().splitlines():
             if "serving admission reviews" in line:
                 port = int(json.loads(line)["listen"].rsplit(":", 1)[1])
-                return proc, port, ssl.create_default_context(cafile=str(cert))
+                return Injector(proc, port, ssl.create_default_context(cafile=str(cert)))
         time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"injector did not start:\n{log.read_text()}")
@@ -364,7 +373,8 @@ def test_bodies_trickled_on_every_webhook_connection_stay_within_the_memory_limi
     all of it but the last byte, and wait; reopened when dropped. The injector's peak
     RSS stays well under the chart's memory limit (before: 198 MiB of a 128 Mi limit, an
     OOM kill), and reviews are still answered, during the attack and after it."""
-    proc, port, client = _start_injector(tmp_path)
+    injector = _start_injector(tmp_path)
+    proc, port, client = injector.proc, injector.port, injector.client
     size = 2 << 20
     stop = threading.Event()
 

@@ -136,7 +136,7 @@ def rsa_keypair(
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_after - timedelta(days=365))
+        .not_valid_before(not_after - timedelta(days=366))  # valid a day before the year
         .not_valid_after(not_after)
         .sign(key, hashes.SHA256())
     )
@@ -279,7 +279,9 @@ def write_credentials(directory: Path) -> Path:
     """The AEM (JWT) and OAuth credentials files, as the emulator names them, mode 0600, in
     `directory`; the emulator started on `directory` serves both clients. Returns it."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    aem = aem_document(rsa_keypair("credentials"))
+    # A certificate valid for a year from now, as the Developer Console issues it.
+    not_after = datetime.now(UTC).replace(microsecond=0) + timedelta(days=365)
+    aem = aem_document(rsa_keypair("credentials", not_after=not_after))
     oauth = oauth_document(client_id=OAUTH_CLIENT_ID, client_secrets=OAUTH_CLIENT_SECRETS)
     for name, document in ((AEM_CREDENTIALS_FILE, aem), (OAUTH_CREDENTIALS_FILE, oauth)):
         write_json(directory / name, document).chmod(0o600)

@@ -16,6 +16,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -410,8 +411,17 @@ def _context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def _tls_get(server: HttpServer, ca: Path) -> tuple[int, bytes, str]:
-    """GET / over TLS trusting `ca`: (status, body, the server certificate's common name)."""
+@dataclass(frozen=True)
+class TlsAnswer:
+    """An answer over TLS and who gave it (the server certificate's common name)."""
+
+    status: int
+    body: bytes
+    common_name: str
+
+
+def _tls_get(server: HttpServer, ca: Path) -> TlsAnswer:
+    """GET / over TLS trusting `ca`."""
     client = ssl.create_default_context(cafile=str(ca))
     conn = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=3, context=client)
     try:
@@ -422,7 +432,7 @@ def _tls_get(server: HttpServer, ca: Path) -> tuple[int, bytes, str]:
         peer = conn.sock.getpeercert()
         assert peer is not None
         subject = dict(item[0] for item in peer["subject"])  # type: ignore[misc]
-        return response.status, body, str(subject["commonName"])
+        return TlsAnswer(response.status, body, str(subject["commonName"]))
     finally:
         conn.close()
 
@@ -441,9 +451,11 @@ def test_tls_serves_and_takes_a_new_certificate_without_a_restart(
         return current[0]
 
     server = serve(tls=tls)
-    assert _tls_get(server, first[0])[::2] == (200, "first")
+    answer = _tls_get(server, first[0])
+    assert (answer.status, answer.common_name) == (200, "first")
     current[0] = _context(*second)
-    assert _tls_get(server, second[0])[::2] == (200, "second")
+    answer = _tls_get(server, second[0])
+    assert (answer.status, answer.common_name) == (200, "second")
     assert len(calls) == 2
 
 
@@ -459,7 +471,7 @@ def test_tls_handshake_garbage_and_silence_are_dropped(serve: Serve, tmp_path: P
         assert _read_all(silent) == b""
         assert time.monotonic() - started < FAST.head_timeout_s + 1
     assert server.stats["tls_failures"] >= 1
-    assert _tls_get(server, cert[0])[0] == 200
+    assert _tls_get(server, cert[0]).status == 200
 
 
 def test_a_failing_tls_callable_drops_the_connection_not_the_server(
@@ -481,7 +493,7 @@ def test_a_failing_tls_callable_drops_the_connection_not_the_server(
     with caplog.at_level(logging.ERROR, logger="refresher.httpserver"):
         with _connect(server) as sock:
             assert _read_all(sock) == b""
-        assert _tls_get(server, cert[0])[0] == 200
+        assert _tls_get(server, cert[0]).status == 200
     assert "ValueError" in caplog.text
     assert "s3cr3t" not in caplog.text
 

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -16,18 +17,27 @@ JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ0ZWNoYWNjdCJ9.c2lnbmF0dXJlLXZhbHVl"
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEow...\n-----END RSA PRIVATE KEY-----"
 
 
+@dataclass(frozen=True)
+class Captured:
+    """Where the JSON log lines go, and the registry of secrets they are scrubbed of."""
+
+    stream: io.StringIO
+    registry: SecretRegistry
+
+
 @pytest.fixture
-def capture() -> Iterator[tuple[io.StringIO, SecretRegistry]]:
+def capture() -> Iterator[Captured]:
+    """Logging set up as the CLI does (JSON, debug) into a string."""
     stream = io.StringIO()
     registry = SecretRegistry()
     setup_logging("json", "debug", registry, stream)
-    yield stream, registry
+    yield Captured(stream, registry)
     logging.getLogger().handlers.clear()
 
 
-def test_json_lines_carry_extra_fields(capture: tuple[io.StringIO, SecretRegistry]) -> None:
+def test_json_lines_carry_extra_fields(capture: Captured) -> None:
     """Each record is one JSON object with level, message and the extra fields."""
-    stream, _ = capture
+    stream = capture.stream
     logging.getLogger("refresher.test").info("hello %s", "world", extra={"x_debug_id": "d-1"})
     entry = json.loads(stream.getvalue().splitlines()[-1])
     assert entry["message"] == "hello world"
@@ -36,10 +46,10 @@ def test_json_lines_carry_extra_fields(capture: tuple[io.StringIO, SecretRegistr
 
 
 def test_registered_secret_is_scrubbed_everywhere(
-    capture: tuple[io.StringIO, SecretRegistry],
+    capture: Captured,
 ) -> None:
     """A registered client secret vanishes from the message, the args and the extras."""
-    stream, registry = capture
+    stream, registry = capture.stream, capture.registry
     registry.add("p8-super-secret-value")
     log = logging.getLogger("refresher.test")
     log.debug("secret is %s", "p8-super-secret-value", extra={"detail": "p8-super-secret-value"})
@@ -49,19 +59,19 @@ def test_registered_secret_is_scrubbed_everywhere(
 
 
 def test_jwt_and_pem_are_scrubbed_even_unregistered(
-    capture: tuple[io.StringIO, SecretRegistry],
+    capture: Captured,
 ) -> None:
     """Anything shaped like a JWT or a PEM block is redacted without being registered."""
-    stream, _ = capture
+    stream = capture.stream
     logging.getLogger("refresher.test").warning("token %s key %s", JWT, PEM)
     text = stream.getvalue()
     assert "eyJhbGci" not in text
     assert "MIIEow" not in text
 
 
-def test_traceback_is_scrubbed(capture: tuple[io.StringIO, SecretRegistry]) -> None:
+def test_traceback_is_scrubbed(capture: Captured) -> None:
     """A traceback that quotes a secret is redacted before it is written."""
-    stream, registry = capture
+    stream, registry = capture.stream, capture.registry
     registry.add("client-secret-in-traceback")
     try:
         raise ValueError("boom client-secret-in-traceback")
@@ -72,7 +82,7 @@ def test_traceback_is_scrubbed(capture: tuple[io.StringIO, SecretRegistry]) -> N
     assert "ValueError" in text
 
 
-def test_text_format(capture: tuple[io.StringIO, SecretRegistry]) -> None:
+def test_text_format(capture: Captured) -> None:
     """--log-format text writes one readable line with key=value extras."""
     stream = io.StringIO()
     setup_logging("text", "info", SecretRegistry(), stream)
@@ -125,10 +135,10 @@ def test_a_long_secret_is_redacted_inside_other_text() -> None:
 
 
 def test_redaction_through_the_log_filter_covers_encoded_forms(
-    capture: tuple[io.StringIO, SecretRegistry],
+    capture: Captured,
 ) -> None:
     """The logging filter uses the same rule: a form-encoded echo never reaches a line."""
-    stream, registry = capture
+    stream, registry = capture.stream, capture.registry
     registry.add("S3cr3t+Val/ue==")
     logging.getLogger("refresher.test").warning(
         "IMS said %s",
