@@ -10,7 +10,8 @@ object we read. A missing Secret is created (POST); it is never deleted and
 re-created, so readers never see it vanish. On a conflict we re-read and, if the
 other writer left a token that outlives ours (`schedule.outlives`, the one adoption
 rule), return it for the caller to adopt instead of overwriting it (Adobe throttles
-integrations that mint too many tokens).
+integrations that mint too many tokens). What we put in the Secret and what we accept
+back from it are in `refresher.sinks.secretdata`.
 
 Memory (the process must stay under 60 MiB RSS): importing any `kubernetes`
 submodule runs the package `__init__`, which loads the config loaders, pydantic,
@@ -20,19 +21,16 @@ cost more than all of that again, so we touch neither: the official client does
 what it is good at (kubeconfig and in-cluster config, auth with rotating
 service-account tokens and exec plugins, TLS, proxies, the urllib3 pool of
 `RESTClientObject`) and we send and read plain JSON dicts. The budget is pinned by
-tests/test_secret_sink.py::test_secret_mode_memory.
+tests/unit/test_secret_sink.py::test_secret_mode_memory.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import importlib
 import json
 import logging
 import re
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +38,10 @@ from refresher.clock import Clock
 from refresher.errors import ConfigError, PublishError
 from refresher.logs import redact
 from refresher.schedule import outlives
-from refresher.token import AccessToken, rfc3339
+from refresher.sinks.secretdata import MANAGER, new_secret, same_token, with_token
+from refresher.sinks.secretdata import held_token as _held_token  # its tests' name
+from refresher.token import AccessToken
 
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-MANAGER = "ims-token-refresher"
-EXPIRES_AT_ANNOTATION = "ims-token-refresher/expires-at"
-REFRESHED_AT_ANNOTATION = "ims-token-refresher/refreshed-at"
 DEFAULT_SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 RBAC_HINT = "grant it to the ServiceAccount (see manifests/base/rbac.yaml)"
 
@@ -63,10 +59,8 @@ _NOISE = re.compile(r"<[^<>]*? object at 0x[0-9a-f]+>:?\s*|HTTPS?Connection(Pool
 _MAX_DETAIL = 200
 # What we parse of the API's answers. A Secret holds at most 1 MiB of data (base64 in
 # JSON: ~1.4 MiB); an answer past this cap is not a Secret we wrote, and is refused
-# unread rather than held in memory. token.json is a few hundred bytes; its base64 is
-# decoded and parsed only below a small cap.
+# unread rather than held in memory.
 MAX_REPLY_BYTES = 2 * 1024 * 1024
-MAX_TOKEN_JSON_B64 = 16 * 1024
 
 _log = logging.getLogger(__name__)
 
@@ -161,19 +155,11 @@ class SecretSink:
     def publish(self, token: AccessToken) -> AccessToken:
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             current = self._get()
-            if current is not None:
-                held = _held_token(current, self._clock.now())
-                if held is not None and _same(held, token):
-                    return token  # already there (e.g. our previous write's reply was lost)
-                if held is not None and outlives(held, token, self._clock.now()):
-                    _log.info(
-                        "another writer published a newer token to the Secret; adopting it",
-                        extra={"secret": self.secret_name, "namespace": self.namespace},
-                    )
-                    return held
-                reply = self._send("PUT", self._item_path, self._with_token(current, token))
-            else:
-                reply = self._send("POST", self._collection_path, self._new_object(token))
+            held = _held_token(current, self._clock.now()) if current is not None else None
+            settled = self._settled(held, token)
+            if settled is not None:
+                return settled
+            reply = self._write(current, token)
             if reply.ok:
                 return token
             # 409 Conflict (stale resourceVersion), 409 AlreadyExists (a concurrent
@@ -191,40 +177,28 @@ class SecretSink:
             sink=self.name,
         )
 
-    # --- objects -------------------------------------------------------------------
+    def _settled(self, held: AccessToken | None, token: AccessToken) -> AccessToken | None:
+        """What the Secret already holds when no write is needed: `token` itself, or a
+        token another writer published that outlives it (adopted); else None."""
+        if held is None:
+            return None
+        if same_token(held, token):
+            return token  # already there (e.g. our previous write's reply was lost)
+        if outlives(held, token, self._clock.now()):
+            _log.info(
+                "another writer published a newer token to the Secret; adopting it",
+                extra={"secret": self.secret_name, "namespace": self.namespace},
+            )
+            return held
+        return None
 
-    def _new_object(self, token: AccessToken) -> JsonObj:
-        return self._with_token(
-            {"metadata": {"name": self.secret_name, "namespace": self.namespace}, "type": "Opaque"},
-            token,
-        )
-
-    def _with_token(self, current: JsonObj, token: AccessToken) -> JsonObj:
-        """`current` with our keys, label and annotations set and everything else kept."""
-        obj = dict(current)
-        obj["apiVersion"] = "v1"
-        obj["kind"] = "Secret"
-        # stringData would override data on the server; a read never has it, but a
-        # hand-made Secret replayed here must not shadow the token.
-        obj.pop("stringData", None)
-        meta = _object(obj.get("metadata"))
-        # Omitted managedFields are kept by the server; sending them back is only bytes.
-        meta.pop("managedFields", None)
-        # Another writer may have left anything here; only string maps travel back (the
-        # apiserver would refuse the rest, and we must not crash on it).
-        meta["labels"] = {**_strings(meta.get("labels")), MANAGED_BY_LABEL: MANAGER}
-        meta["annotations"] = {
-            **_strings(meta.get("annotations")),
-            EXPIRES_AT_ANNOTATION: rfc3339(token.expires_at),
-            REFRESHED_AT_ANNOTATION: rfc3339(self._clock.now()),
-        }
-        obj["metadata"] = meta
-        published = {
-            key: base64.b64encode(content).decode("ascii")
-            for key, content in token.published_files().items()
-        }
-        obj["data"] = {**_strings(obj.get("data")), **published}
-        return obj
+    def _write(self, current: JsonObj | None, token: AccessToken) -> _Reply:
+        """Create the Secret, or replace `current` (its resourceVersion is the precondition)."""
+        now = self._clock.now()
+        if current is None:
+            new = new_secret(self.secret_name, self.namespace, token, now)
+            return self._send("POST", self._collection_path, new)
+        return self._send("PUT", self._item_path, with_token(current, token, now))
 
     # --- HTTP ----------------------------------------------------------------------
 
@@ -250,7 +224,8 @@ class SecretSink:
             return None
         raise self._error(reply, "get", None)
 
-    def _send(self, method: str, path: str, body: JsonObj | None = None) -> _Reply:
+    def _headers(self, body: JsonObj | None) -> dict[str, str]:
+        """The request's headers, credentials included; raises PublishError without them."""
         headers = {"Accept": "application/json", "User-Agent": MANAGER}
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -264,6 +239,10 @@ class SecretSink:
             raise PublishError(
                 f"cannot get Kubernetes API credentials: {_short(exc)}", sink=self.name
             ) from None
+        return headers
+
+    def _send(self, method: str, path: str, body: JsonObj | None = None) -> _Reply:
+        headers = self._headers(body)
         url = self.host + path + ("?fieldManager=" + MANAGER if method in ("PUT", "POST") else "")
         try:
             response = self._kube.rest.request(
@@ -392,58 +371,6 @@ def _resolve_namespace(namespace: str | None, service_account_dir: Path) -> str:
     if not _DNS_LABEL.match(namespace) or len(namespace) > 63:
         raise ConfigError(f"--secret-namespace {namespace!r} is not a valid namespace name")
     return namespace
-
-
-def _held_token(obj: JsonObj, now: datetime) -> AccessToken | None:
-    """The token in a Secret we manage; None if it is not ours, garbled or implausible.
-
-    Anyone allowed to write the Secret can plant anything in it, so nothing is assumed:
-    every level is type-checked, token.json is parsed only below a small cap, its
-    `access_token` must be the `access_token` key's bytes (one complete set, as we
-    write it), and the token must be plausible (`AccessToken.is_plausible`: issued not
-    in the future, no longer-lived than IMS grants), so a year-9999 expiry is never
-    adopted. A token that passes all this is one a replica of ours could have written.
-    """
-    meta = obj.get("metadata")
-    labels = meta.get("labels") if isinstance(meta, dict) else None
-    data = obj.get("data")
-    if not isinstance(labels, dict) or labels.get(MANAGED_BY_LABEL) != MANAGER:
-        return None
-    if not isinstance(data, dict):
-        return None
-    encoded, raw_value = data.get("token.json"), data.get("access_token")
-    if not isinstance(encoded, str) or not isinstance(raw_value, str):
-        return None
-    if len(encoded) > MAX_TOKEN_JSON_B64 or len(raw_value) > MAX_TOKEN_JSON_B64:
-        return None
-    try:
-        token = AccessToken.from_document(json.loads(base64.b64decode(encoded, validate=True)))
-        value = base64.b64decode(raw_value, validate=True).decode("ascii")
-    except (binascii.Error, ValueError, RecursionError):  # JSON and Unicode errors: ValueError
-        return None
-    if value != token.value or not token.is_plausible(now):
-        return None
-    return token
-
-
-def _same(held: AccessToken, token: AccessToken) -> bool:
-    # Compared as published: token.json carries whole seconds, memory carries microseconds.
-    return held.value == token.value and held.expires_at == _as_published(token.expires_at)
-
-
-def _as_published(instant: datetime) -> datetime:
-    return instant.replace(microsecond=0)
-
-
-def _object(value: object) -> JsonObj:
-    return dict(value) if isinstance(value, dict) else {}
-
-
-def _strings(value: object) -> dict[str, str]:
-    """The string-to-string entries of a map another writer left (anything else dropped)."""
-    if not isinstance(value, dict):
-        return {}
-    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _read_capped(response: Any) -> bytes | None:
