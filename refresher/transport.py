@@ -27,7 +27,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+from urllib.parse import urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -38,6 +39,9 @@ from refresher.errors import ExchangeError, LocalSetup, Transient
 
 MAX_BODY_BYTES = 1024 * 1024
 USER_AGENT = "ims-token-refresher"
+# The form is encoded here, as requests would encode a dict (UTF-8, `+` for spaces), and
+# passed as bytes: requests' own encoding runs runtime Protocol checks on every call.
+_FORM_HEADERS: Final = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def short(text: str, limit: int = 200) -> str:
@@ -281,7 +285,12 @@ class Transport:
             # No redirects: a token endpoint never redirects, and following one could
             # carry the client secret to another host.
             with self.session.post(
-                url, data=dict(form), timeout=timeout, stream=True, allow_redirects=False
+                url,
+                data=urlencode(list(form.items())).encode("ascii"),
+                headers=_FORM_HEADERS,
+                timeout=timeout,
+                stream=True,
+                allow_redirects=False,
             ) as response:
                 debug_id = response.headers.get("x-debug-id")
                 body = bytearray()
