@@ -16,7 +16,7 @@ import pytest
 
 from ims_emulator import AEM_CREDENTIALS_FILE, OAUTH_CREDENTIALS_FILE
 from ims_emulator.cli import add_arguments, main
-from tests.unit.test_emulator import assertion, post_jwt
+from tests.support.ims_wire import assertion, post_jwt
 
 REPO = Path(__file__).resolve().parents[2]
 EMULATOR = (sys.executable, "-m", "ims_emulator")

@@ -6,4 +6,5 @@ harness    the real CLI as a subprocess, with every output scanned at teardown
 scripted   the refresh loop wired to a scripted IMS and a fake clock
 fakes      a clock that a sleep advances
 fakeapi    the fake Kubernetes apiserver on a real socket
+ims_wire   IMS's wire protocol by hand (raw requests + PyJWT), to check the emulator
 """

@@ -30,10 +30,24 @@ from ims_emulator import (
     write_credentials,
 )
 from ims_emulator.control import is_loopback
+from tests.support.ims_wire import (
+    DROP,
+    EXPIRED,
+    MALFORMED,
+    NOT_SUBSET,
+    NOT_YET,
+    SIGNATURE,
+    TIMEOUT,
+    aem_of,
+    assert_ims_error,
+    assertion,
+    oauth_of,
+    post_jwt,
+    post_oauth,
+    token_claims,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-TIMEOUT = 5  # seconds; every request in this file is answered in milliseconds
-DROP = object()  # marks a claim to delete from the default assertion
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -63,92 +77,6 @@ def ims(shared: Emulator) -> Iterator[Emulator]:
 def stranger_key() -> rsa.RSAPrivateKey:
     """An RSA key that matches no registered certificate."""
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def aem_of(emulator: Emulator) -> dict[str, Any]:
-    document = json.loads(emulator.credential_files["aem"].read_text())
-    integration: dict[str, Any] = document["integration"]
-    return integration
-
-
-def oauth_of(emulator: Emulator) -> dict[str, Any]:
-    document: dict[str, Any] = json.loads(emulator.credential_files["oauth"].read_text())
-    return document
-
-
-def assertion(
-    base: str, aem: dict[str, Any], key: Any = None, claims: dict[str, Any] | None = None
-) -> str:
-    """An RS256 JWT as Adobe's jwt-auth builds it; `claims` override defaults (DROP deletes)."""
-    client_id = aem["technicalAccount"]["clientId"]
-    payload: dict[str, Any] = {
-        "iss": aem["org"],
-        "sub": aem["id"],
-        "aud": f"{base}/c/{client_id}",
-        "exp": int(time.time()) + 300,
-        f"{base}/s/ent_aem_cloud_api": True,
-    }
-    for name, value in (claims or {}).items():
-        if value is DROP:
-            payload.pop(name, None)
-        else:
-            payload[name] = value
-    return jwt.encode(payload, key or aem["privateKey"], algorithm="RS256")
-
-
-def post_jwt(
-    base: str,
-    aem: dict[str, Any],
-    token: str | None = None,
-    *,
-    secret: str | None = None,
-    client_id: str | None = None,
-    path: str = "/ims/exchange/jwt",
-    verify: str | bool = True,
-) -> requests.Response:
-    form = {
-        "client_id": client_id or aem["technicalAccount"]["clientId"],
-        "client_secret": secret or aem["technicalAccount"]["clientSecret"],
-        "jwt_token": token if token is not None else assertion(base, aem),
-    }
-    return requests.post(base + path, data=form, timeout=TIMEOUT, verify=verify)
-
-
-def post_oauth(
-    emulator: Emulator,
-    *,
-    secret_index: int = 0,
-    scope: str = "openid,AdobeID,read_organizations",
-    grant_type: str = "client_credentials",
-    client_id: str | None = None,
-    secret: str | None = None,
-    timeout: float = TIMEOUT,
-) -> requests.Response:
-    oauth = oauth_of(emulator)
-    form = {
-        "grant_type": grant_type,
-        "client_id": client_id or oauth["client_id"],
-        "client_secret": secret or oauth["client_secrets"][secret_index],
-        "scope": scope,
-    }
-    return requests.post(emulator.base_url + "/ims/token/v3", data=form, timeout=timeout)
-
-
-def assert_ims_error(response: requests.Response, status: int, error: str) -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error", "error_description"}
-    assert body["error"] == error
-    assert body["error_description"]
-    assert response.headers.get("x-debug-id")
-
-
-def token_claims(emulator: Emulator, token: str) -> dict[str, Any]:
-    claims: dict[str, Any] = jwt.decode(
-        token, emulator.token_public_key_pem, algorithms=["RS256"], options={"verify_exp": False}
-    )
-    return claims
 
 
 # ---------------------------------------------------------------- successful exchanges
@@ -236,11 +164,6 @@ STRANGER = object()  # sign with a key that matches no registered certificate
 OWN = "{base}/s/ent_aem_cloud_api"  # the metascope claim the client is granted
 HS256_TOKEN = jwt.encode({"iss": "someone@AdobeOrg"}, "k" * 64, algorithm="HS256")
 
-SIGNATURE = "Could not match JWT signature to any of the bindings"
-NOT_SUBSET = "The metascopes in the JWT are not a subset of the metascopes in the binding"
-MALFORMED = "JWT token is incorrectly formatted, and can not be decoded."
-EXPIRED = "JWT token is expired"
-NOT_YET = "JWT token is not yet valid"
 
 JWT_REJECTIONS: list[tuple[str, dict[str, Any], dict[str, Any], int, str, str | None]] = [
     # (case, claims to change ("{base}" is filled in), request changes, status, IMS error,

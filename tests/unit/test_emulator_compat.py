@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from ims_emulator import Emulator
-from tests.unit.test_emulator import (
+from tests.support.ims_wire import (
     EXPIRED,
     NOT_YET,
     TIMEOUT,
