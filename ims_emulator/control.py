@@ -97,11 +97,16 @@ def handle(state: State, peer: str, method: str, route: str, body: bytes) -> Ans
         return _error(403, "forbidden", "the control API answers loopback peers only")
     if route not in _POSTS and route not in _GETS:
         return _error(404, "not_found", "no such control endpoint")
-    allowed = ", ".join(m for m, table in (("GET", _GETS), ("POST", _POSTS)) if route in table)
     if method == "GET" and route in _GETS:
         return Answer(200, _GETS[route](state))
     if method != "POST" or route not in _POSTS:
+        allowed = ", ".join(m for m, table in (("GET", _GETS), ("POST", _POSTS)) if route in table)
         return _error(405, "method_not_allowed", f"use {allowed}", ("Allow", allowed))
+    return _post(state, route, body)
+
+
+def _post(state: State, route: str, body: bytes) -> Answer:
+    """Apply one control change: a JSON object, validated whole before anything changes."""
     try:
         document = json.loads(body or b"{}")
     except ValueError:

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from ims_emulator.certs import issue
 from ims_emulator.files import write_file
 from ims_emulator.specs import ClientSpec
 
@@ -68,15 +69,8 @@ def _self_signed_rsa(
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Adobe IMS emulator"),
         ]
     )
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .sign(key, hashes.SHA256())
+    certificate = issue(
+        name, key.public_key(), issuer=name, signer=key, valid=(not_before, not_after)
     )
     return key, certificate
 

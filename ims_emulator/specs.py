@@ -215,25 +215,7 @@ class ClientSpec:
         client_id = given.pop("client_id", None)
         if not isinstance(client_id, str) or not client_id:
             raise ValueError("client_id must be a non-empty string")
-        converted: dict[str, Any] = {}
-        for name, value in given.items():
-            if name == "client_secrets":
-                if isinstance(value, str | bytes) or not (
-                    isinstance(value, list | tuple) and all(isinstance(s, str) and s for s in value)
-                ):
-                    raise ValueError("client_secrets must be a list of non-empty strings")
-                converted[name] = tuple(value)
-            elif name in ("metascopes", "scopes"):
-                converted[name] = _names(value, name)
-            elif name == "certificate_pem":
-                pem = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-                if not isinstance(pem, str):
-                    raise ValueError("certificate_pem must be a PEM string")
-                converted[name] = pem
-            elif isinstance(value, str):
-                converted[name] = value
-            else:
-                raise ValueError(f"{name} must be a string")
+        converted = {name: _client_field(name, value) for name, value in given.items()}
         spec = cls(client_id=client_id, **converted)
         _ = spec.certificate  # a bad certificate is refused at registration, not per request
         return spec
@@ -260,6 +242,30 @@ class ClientSpec:
             hmac.compare_digest(candidate.encode(), secret.encode())
             for secret in self.client_secrets or ()
         )
+
+
+def _client_field(name: str, value: object) -> Any:
+    """One field of a client document, checked and converted. Raises ValueError."""
+    if name == "client_secrets":
+        return _secrets(value)
+    if name in ("metascopes", "scopes"):
+        return _names(value, name)
+    if name == "certificate_pem":
+        pem = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+        if not isinstance(pem, str):
+            raise ValueError("certificate_pem must be a PEM string")
+        return pem
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"{name} must be a string")
+
+
+def _secrets(value: object) -> tuple[str, ...]:
+    if isinstance(value, str | bytes) or not (
+        isinstance(value, list | tuple) and all(isinstance(s, str) and s for s in value)
+    ):
+        raise ValueError("client_secrets must be a list of non-empty strings")
+    return tuple(value)
 
 
 def _set_fields(spec: ClientSpec | FaultSpec) -> dict[str, Any]:

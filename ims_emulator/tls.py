@@ -10,10 +10,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ims_emulator.certs import issue
 from ims_emulator.files import write_file
 
 __all__ = ["CA_FILE", "server_context"]
@@ -58,18 +59,14 @@ def _certificate_authority(tls_dir: Path) -> tuple[ec.EllipticCurvePrivateKey, x
     key = _ec_key()
     now = datetime.now(UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "IMS emulator local CA")])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_CA_KEY_USAGE, critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
+    extensions = [
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (_CA_KEY_USAGE, True),
+        (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),
+    ]
+    valid = (now - timedelta(minutes=5), now + timedelta(days=3650))
+    certificate = issue(
+        name, key.public_key(), issuer=name, signer=key, valid=valid, extensions=extensions
     )
     tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_file(key_path, _pem_key(key), 0o600)
@@ -88,22 +85,19 @@ def server_context(tls_dir: Path) -> tuple[ssl.SSLContext, Path]:
         x509.IPAddress(ipaddress.ip_address("::1")),
     ]
     # The extensions strict verifiers (Python 3.13's VERIFY_X509_STRICT) insist on.
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
+    extensions = [
+        (x509.SubjectAlternativeName(names), False),
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False),
+    ]
+    certificate = issue(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]),
+        key.public_key(),
+        issuer=ca.subject,
+        signer=ca_key,
+        valid=(now - timedelta(minutes=5), now + timedelta(days=30)),
+        extensions=extensions,
     )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
