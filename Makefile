@@ -72,7 +72,7 @@ demo: $(STAMP)
 test: $(STAMP) $(HELM) lint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
 
-## lint: ruff, mypy --strict, and the import-layering contract
+## lint: ruff (cyclomatic complexity over 12 included), mypy --strict, and the import-layering contract
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
