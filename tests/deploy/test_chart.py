@@ -13,43 +13,44 @@ TLS (generated, kept on upgrade, cert-manager) is in tests/test_chart_tls.py.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.test_manifests import (
+from tests.support.chart import (
+    CHART,
+    DEFAULTS,
+    INJECTOR_EXAMPLE,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    OPT_IN_LABEL,
+    RELEASE,
+    Obj,
+    flags,
+    helm,
+    injector_container,
+    injector_help,
+    kustomize,
+    render,
+    the,
+    webhook_problems,
+)
+from tests.support.manifests import (
     EXAMPLES,
     MANIFESTS,
     REFRESHER_IMAGE,
-    _hardening_violations,
     containers,
+    hardening_violations,
     is_refresher,
     pod_specs,
     project_version,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "ims-token-refresher"
-INJECTOR_EXAMPLE = EXAMPLES / "injector"
-VENV_BIN = Path(sys.executable).parent
-HELM = VENV_BIN / "helm"
-KUBECTL = VENV_BIN / "kubectl"
-REFRESHER = VENV_BIN / "refresher"
-
-RELEASE, NAMESPACE = "itr", "tools"
-# The chart's kubeVersion floor (native sidecars) and the newest schema set
-# kubernetes-validate ships.
-KUBE_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
-OPT_IN_LABEL = "ims-token-refresher.io/inject"
 CRD_KINDS = frozenset(
     {
         ("cert-manager.io/v1", "Issuer"),
@@ -58,7 +59,6 @@ CRD_KINDS = frozenset(
         ("monitoring.coreos.com/v1", "PrometheusRule"),
     }
 )
-DEFAULTS: tuple[str, ...] = ()
 EVERYTHING_ON = (
     "writer.enabled=true",
     "monitoring.podMonitors=true",
@@ -70,68 +70,6 @@ VALUE_SETS = {
     "everything-on": EVERYTHING_ON,
     "everything-on-cert-manager": (*EVERYTHING_ON, "certManager.enabled=true"),
 }
-
-Obj = dict[str, Any]
-
-
-def _helm(*args: str) -> subprocess.CompletedProcess[str]:
-    if not HELM.is_file():
-        pytest.skip(f"no helm at {HELM} (make helm installs the pinned release)")
-    return subprocess.run(
-        [str(HELM), *args], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
-@functools.cache
-def _template(kube_version: str, settings: tuple[str, ...]) -> tuple[Obj, ...]:
-    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
-    args += ["--kube-version", kube_version]
-    for setting in settings:
-        args += ["--set", setting]
-    result = _helm(*args)
-    assert result.returncode == 0, result.stderr
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
-
-
-def render(
-    settings: tuple[str, ...] = DEFAULTS, kube_version: str = KUBE_VERSIONS[-1]
-) -> list[Obj]:
-    """The objects `helm install` would create with these --set values."""
-    return list(_template(kube_version, settings))
-
-
-@functools.cache
-def _kustomize(directory: Path) -> tuple[Obj, ...]:
-    result = subprocess.run(
-        [str(KUBECTL), "kustomize", str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
-
-
-def the(objects: list[Obj], kind: str, name_suffix: str = "") -> Obj:
-    """The one object of this kind (whose name ends with name_suffix)."""
-    (found,) = [
-        o for o in objects if o["kind"] == kind and o["metadata"]["name"].endswith(name_suffix)
-    ]
-    return found
-
-
-def injector_container(objects: list[Obj]) -> Obj:
-    pod = the(objects, "Deployment", "injector")["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    return container
-
-
-def flags(container: Obj) -> dict[str, str]:
-    """--flag=value arguments as a dict (the chart writes them in that form)."""
-    return dict(
-        word.removeprefix("--").split("=", 1) for word in container["args"] if word.startswith("--")
-    )
 
 
 def _validation_problems(objects: list[Obj], kube_version: str) -> tuple[list[str], set[Any]]:
@@ -149,43 +87,6 @@ def _validation_problems(objects: list[Obj], kube_version: str) -> tuple[list[st
     return problems, skipped
 
 
-def _webhook_problems(objects: list[Obj], namespace: str) -> Iterator[str]:
-    """The webhook's contract (docs/SPEC.md, "Helm chart"), for the chart and the example."""
-    configuration = the(objects, "MutatingWebhookConfiguration")
-    (webhook,) = configuration["webhooks"]
-    service = the(objects, "Service", "injector")
-    expected = {
-        "admissionReviewVersions": ["v1"],
-        "sideEffects": "None",
-        "failurePolicy": "Fail",
-        "objectSelector": {"matchLabels": {OPT_IN_LABEL: "true"}},
-    }
-    for key, value in expected.items():
-        if webhook.get(key) != value:
-            yield f"{key} is {webhook.get(key)!r}, not {value!r}"
-    if not 1 <= webhook.get("timeoutSeconds", 10) <= 10:
-        yield f"timeoutSeconds {webhook.get('timeoutSeconds')} is not short"
-    excluded = {
-        value
-        for expression in webhook["namespaceSelector"]["matchExpressions"]
-        if expression["key"] == "kubernetes.io/metadata.name" and expression["operator"] == "NotIn"
-        for value in expression["values"]
-    }
-    if not {"kube-system", namespace} <= excluded:
-        yield f"namespaces {sorted(excluded)} leave out kube-system or {namespace}"
-    if [(r["operations"], r["resources"]) for r in webhook["rules"]] != [(["CREATE"], ["pods"])]:
-        yield f"rules {webhook['rules']} are not pod creation only"
-    target = webhook["clientConfig"]["service"]
-    if (target["name"], target["namespace"], target["path"]) != (
-        service["metadata"]["name"],
-        namespace,
-        "/mutate",
-    ):
-        yield f"clientConfig {target} is not the injector Service's /mutate"
-    if target.get("port", 443) != service["spec"]["ports"][0]["port"]:
-        yield "clientConfig port is not the Service's"
-
-
 # --- lint and render --------------------------------------------------------------
 
 
@@ -195,7 +96,7 @@ def test_helm_lint_strict(values: str) -> None:
     args = ["lint", "--strict", str(CHART), "--namespace", NAMESPACE]
     for setting in VALUE_SETS[values]:
         args += ["--set", setting]
-    result = _helm(*args)
+    result = helm(*args)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
 
@@ -226,14 +127,14 @@ def test_every_builtin_object_validates_strictly(values: str, kube_version: str)
 
 def test_older_kubernetes_is_refused() -> None:
     """Kubernetes 1.28 (no native sidecars by default) is refused by the chart's kubeVersion."""
-    result = _helm("template", RELEASE, str(CHART), "--kube-version", "1.28.9")
+    result = helm("template", RELEASE, str(CHART), "--kube-version", "1.28.9")
     assert result.returncode != 0
     assert "kubeVersion" in result.stderr or "incompatible" in result.stderr, result.stderr
 
 
 def test_notes_show_how_to_opt_a_pod_in() -> None:
     """NOTES.txt, as `helm install` prints it, names the opt-in label and the Secret annotation."""
-    result = _helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
+    result = helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
     assert result.returncode == 0, result.stderr
     notes = result.stdout.split("NOTES:", 1)[1]
     assert f'{OPT_IN_LABEL}: "true"' in notes
@@ -242,10 +143,10 @@ def test_notes_show_how_to_opt_a_pod_in() -> None:
 
 def test_notes_warn_when_installed_in_default() -> None:
     """Installed in "default", NOTES.txt warns that pods there are never injected."""
-    result = _helm("install", RELEASE, str(CHART), "--namespace", "default", "--dry-run=client")
+    result = helm("install", RELEASE, str(CHART), "--namespace", "default", "--dry-run=client")
     assert result.returncode == 0, result.stderr
     assert 'WARNING: this release is in namespace "default"' in result.stdout
-    quiet = _helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
+    quiet = helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
     assert "WARNING" not in quiet.stdout.split("NOTES:", 1)[1]
 
 
@@ -271,7 +172,7 @@ def test_notes_warn_when_installed_in_default() -> None:
 )
 def test_unknown_or_invalid_values_are_refused(setting: str) -> None:
     """values.schema.json refuses a misspelt key or an invalid value, naming it."""
-    result = _helm("template", RELEASE, str(CHART), "--set", setting)
+    result = helm("template", RELEASE, str(CHART), "--set", setting)
     assert result.returncode != 0, f"{setting} was accepted"
     key = re.split(r"[.=\[]", setting.partition("=")[0])[-1]
     assert key in result.stderr or "additional properties" in result.stderr, result.stderr
@@ -290,7 +191,7 @@ def test_hostile_strings_stay_one_value_without_the_schema(setting: str, field: 
     skipped: it can add no argument, key or object (the schema also refuses it)."""
     hostile = 'x"\n- --log-level=debug\nextra: injected'
     args = ["template", RELEASE, str(CHART), "--skip-schema-validation"]
-    result = _helm(*args, "--set-json", f"{setting}={json.dumps(hostile)}")
+    result = helm(*args, "--set-json", f"{setting}={json.dumps(hostile)}")
     assert result.returncode == 0, result.stderr
     objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     container = injector_container(objects)
@@ -309,7 +210,7 @@ def test_names_fit_kubernetes_limits_for_the_longest_release_name() -> None:
     """With a 53-character release name (Helm's limit) every name and label value is valid."""
     release = "r" * 53
     settings = [word for setting in EVERYTHING_ON for word in ("--set", setting)]
-    result = _helm("template", release, str(CHART), *settings)
+    result = helm("template", release, str(CHART), *settings)
     assert result.returncode == 0, result.stderr
     # Kubernetes' IsDNS1123Subdomain: 253 characters, no per-segment limit.
     segment = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
@@ -412,7 +313,7 @@ def test_every_container_is_hardened(values: str) -> None:
         f"{name} {container['name']}: {problem}"
         for name, pod in pod_specs(objects)
         for container in containers(pod)
-        for problem in _hardening_violations(pod, container)
+        for problem in hardening_violations(pod, container)
     ]
     problems += [
         f"{name}: enableServiceLinks is not false"
@@ -451,7 +352,7 @@ def test_default_install_is_an_available_injector() -> None:
 @pytest.mark.parametrize("values", ["defaults", "everything-on-cert-manager"], ids=str)
 def test_webhook_reaches_only_opted_in_pods(values: str) -> None:
     """Opt-in label only, v1, no side effects, a short timeout, Fail, namespaces excluded."""
-    problems = list(_webhook_problems(render(VALUE_SETS[values]), NAMESPACE))
+    problems = list(webhook_problems(render(VALUE_SETS[values]), NAMESPACE))
     assert not problems, "\n".join(problems)
 
 
@@ -505,35 +406,21 @@ def test_chart_image_is_the_examples_image() -> None:
     examples = {
         c["image"]
         for directory in sorted(EXAMPLES.glob("*/kustomization.yaml"))
-        for _, pod in pod_specs(list(_kustomize(directory.parent)))
+        for _, pod in pod_specs(list(kustomize(directory.parent)))
         for c in containers(pod)
         if is_refresher(c)
     }
     assert examples == {expected}
-    assert flags(injector_container(list(_kustomize(INJECTOR_EXAMPLE))))["image"] == expected
-
-
-def _injector_help() -> str:
-    result = subprocess.run(
-        [str(REFRESHER), "injector", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if result.returncode != 0 and "invalid choice" in result.stderr:
-        pytest.skip("`refresher injector` does not exist yet (the injection issue adds it)")
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    assert flags(injector_container(list(kustomize(INJECTOR_EXAMPLE))))["image"] == expected
 
 
 @pytest.mark.parametrize("source", ["chart", "kustomize"])
 def test_injector_flags_are_accepted_by_the_cli(source: str) -> None:
     """Each flag the chart and the example pass to `refresher injector` is in its --help."""
-    objects = render() if source == "chart" else list(_kustomize(INJECTOR_EXAMPLE))
+    objects = render() if source == "chart" else list(kustomize(INJECTOR_EXAMPLE))
     container = injector_container(objects)
     assert container["args"][0] == "injector"
-    documented = set(re.findall(r"(--[a-z][a-z0-9-]*)", _injector_help()))
+    documented = set(re.findall(r"(--[a-z][a-z0-9-]*)", injector_help()))
     missing = {f"--{flag}" for flag in flags(container)} - documented
     assert not missing, f"{source} passes flags the CLI does not know: {sorted(missing)}"
 
@@ -566,7 +453,7 @@ def test_chart_monitoring_objects_carry_the_manifests_specs() -> None:
 
 def test_injector_example_validates_and_is_hardened() -> None:
     """The Kustomize injector renders, validates strictly (built-in kinds) and is hardened."""
-    objects = list(_kustomize(INJECTOR_EXAMPLE))
+    objects = list(kustomize(INJECTOR_EXAMPLE))
     problems, skipped = _validation_problems(objects, KUBE_VERSIONS[-1])
     assert not problems, "\n".join(problems)
     assert skipped == {("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate")}
@@ -574,7 +461,7 @@ def test_injector_example_validates_and_is_hardened() -> None:
         f"{name} {c['name']}: {problem}"
         for name, pod in pod_specs(objects)
         for c in containers(pod)
-        for problem in _hardening_violations(pod, c)
+        for problem in hardening_violations(pod, c)
     ]
     assert not problems, "\n".join(problems)
     (_, pod), *others = pod_specs(objects)

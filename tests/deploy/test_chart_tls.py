@@ -28,7 +28,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from tests.deploy.test_chart import (
+from tests.support.chart import (
     CHART,
     INJECTOR_EXAMPLE,
     NAMESPACE,
@@ -36,14 +36,14 @@ from tests.deploy.test_chart import (
     RELEASE,
     ROOT,
     Obj,
-    _helm,
-    _injector_help,
-    _kustomize,
-    _webhook_problems,
     flags,
+    helm,
     injector_container,
+    injector_help,
+    kustomize,
     render,
     the,
+    webhook_problems,
 )
 
 
@@ -107,7 +107,7 @@ def _start_chart_injector(objects: list[Obj], tmp: Path) -> tuple[subprocess.Pop
 def test_the_real_injector_serves_the_chart_certificate_and_injects() -> None:
     """The CLI started with the chart's arguments and Secret answers over TLS that the
     webhook's caBundle verifies for the Service's name, and injects the chart's image."""
-    _injector_help()  # skips until `refresher injector` exists
+    injector_help()  # skips until `refresher injector` exists
     objects = render()
     (webhook,) = the(objects, "MutatingWebhookConfiguration")["webhooks"]
     context = ssl.create_default_context(
@@ -273,7 +273,7 @@ def _render_against(api: DiscoveryApi) -> list[Obj]:
     """`helm template --dry-run=server`: rendered with lookups answered by the fake API."""
     with tempfile.TemporaryDirectory() as tmp:
         kubeconfig = api.kubeconfig(Path(tmp))
-        result = _helm(
+        result = helm(
             "template",
             RELEASE,
             str(CHART),
@@ -383,9 +383,9 @@ def test_cert_manager_with_an_issuer_of_your_own() -> None:
 def test_injector_example_webhook_and_cert_manager_wiring() -> None:
     """The example's webhook keeps the chart's contract, and cert-manager's wiring follows
     the kustomization's namespace."""
-    objects = list(_kustomize(INJECTOR_EXAMPLE))
+    objects = list(kustomize(INJECTOR_EXAMPLE))
     namespace = the(objects, "Namespace")["metadata"]["name"]
-    problems = list(_webhook_problems(objects, namespace))
+    problems = list(webhook_problems(objects, namespace))
     problems += list(_cert_manager_problems(objects, namespace))
     assert not problems, "\n".join(problems)
     assert "NAMESPACE" not in yaml.safe_dump_all(objects)

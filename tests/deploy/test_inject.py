@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,136 +28,28 @@ from refresher.inject import (
     PREFIX,
     STATUS,
     TOKEN_VOLUME,
-    Outcome,
     Refused,
 )
 from refresher.inject import inject_documents as _inject_documents
-from refresher.inject import inject_pod as _inject_pod
 from refresher.inject_cli import DEFAULT_IMAGE
-from tests.deploy.test_manifests import EXAMPLES, KUBERNETES_VALIDATE, render
-
-Obj = dict[str, Any]
-
-
-def inject_pod(template: Obj) -> Outcome:
-    """Injection with the released image, as `refresher inject` does without --image."""
-    return _inject_pod(template, image=DEFAULT_IMAGE)
+from tests.support.injection import (
+    CRONJOB,
+    DEPLOYMENT,
+    STATEFULSET,
+    Obj,
+    inject_pod,
+    load,
+    one_line,
+    pod,
+    refresher,
+    template_of,
+)
+from tests.support.manifests import EXAMPLES, KUBERNETES_VALIDATE, render
 
 
 def inject_documents(documents: list[Any]) -> Any:
     return _inject_documents(documents, image=DEFAULT_IMAGE)
 
-
-DEPLOYMENT = """
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: orders
-  namespace: shop
-spec:
-  replicas: 3
-  selector:
-    matchLabels: {app: orders}
-  template:
-    metadata:
-      labels:
-        app: orders
-        ims-token-refresher.io/inject: "true"
-      annotations:
-        ims-token-refresher.io/credentials-secret: orders-adobe
-        ims-token-refresher.io/token-path: /var/run/secrets/adobe
-        prometheus.io/scrape: "true"
-    spec:
-      serviceAccountName: orders
-      securityContext:
-        runAsNonRoot: true
-        runAsUser: 1000
-        fsGroup: 2000
-      initContainers:
-        - name: migrate
-          image: registry.example.com/orders:4.2
-          args: [migrate, --wait]
-          volumeMounts:
-            - {name: config, mountPath: /etc/orders}
-      containers:
-        - name: api
-          image: registry.example.com/orders:4.2
-          ports:
-            - {name: http, containerPort: 8080}
-          readinessProbe:
-            httpGet: {path: /ready, port: http}
-          volumeMounts:
-            - {name: config, mountPath: /etc/orders}
-            - {name: cache, mountPath: /var/cache/orders}
-        - name: worker
-          image: registry.example.com/orders:4.2
-          args: [worker]
-      volumes:
-        - name: config
-          configMap: {name: orders-config}
-        - name: cache
-          emptyDir: {}
-"""
-
-CRONJOB = """
-apiVersion: batch/v1
-kind: CronJob
-metadata:
-  name: nightly-report
-spec:
-  schedule: "0 3 * * *"
-  jobTemplate:
-    spec:
-      backoffLimit: 2
-      template:
-        metadata:
-          labels:
-            ims-token-refresher.io/inject: "true"
-          annotations:
-            ims-token-refresher.io/credentials-secret: reports-adobe
-            ims-token-refresher.io/mode: init
-            ims-token-refresher.io/containers: report
-            ims-token-refresher.io/flow: oauth
-        spec:
-          restartPolicy: Never
-          containers:
-            - name: report
-              image: registry.example.com/report:1.0
-              args: [--token-file, /var/run/adobe-ims/access_token]
-            - name: uploader
-              image: registry.example.com/uploader:1.0
-"""
-
-STATEFULSET = """
-apiVersion: apps/v1
-kind: StatefulSet
-metadata:
-  name: indexer
-spec:
-  serviceName: indexer
-  selector:
-    matchLabels: {app: indexer}
-  template:
-    metadata:
-      labels:
-        app: indexer
-        ims-token-refresher.io/inject: "true"
-      annotations:
-        ims-token-refresher.io/credentials-secret: indexer-adobe
-        ims-token-refresher.io/ims-endpoint: https://ims-na1-stg1.adobelogin.com
-    spec:
-      containers:
-        - name: indexer
-          image: registry.example.com/indexer:7
-          volumeMounts:
-            - {name: data, mountPath: /data}
-  volumeClaimTemplates:
-    - metadata: {name: data}
-      spec:
-        accessModes: [ReadWriteOnce]
-        resources:
-          requests: {storage: 1Gi}
-"""
 
 NOT_OPTED_IN = """
 apiVersion: v1
@@ -184,34 +74,6 @@ spec:
 """
 
 WORKLOADS = {"deployment": DEPLOYMENT, "cronjob": CRONJOB, "statefulset": STATEFULSET}
-
-
-def load(text: str) -> Obj:
-    document = yaml.safe_load(text)
-    assert isinstance(document, dict)
-    return document
-
-
-def template_of(document: Obj) -> Obj:
-    if document["kind"] == "Pod":
-        return document
-    if document["kind"] == "CronJob":
-        return document["spec"]["jobTemplate"]["spec"]["template"]
-    return document["spec"]["template"]
-
-
-def pod(**annotations: str) -> Obj:
-    """A minimal opted-in pod with the given annotations (names without the prefix)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": "p",
-            "labels": {LABEL: "true"},
-            "annotations": {PREFIX + k.replace("_", "-"): v for k, v in annotations.items()},
-        },
-        "spec": {"containers": [{"name": "app", "image": "busybox:1.37.0"}]},
-    }
 
 
 def injected(document: Obj) -> Obj:
@@ -506,25 +368,6 @@ def test_any_opted_in_pod_is_injected_or_refused(spec: Obj, annotations: Obj) ->
 
 
 # --- the real CLI ---------------------------------------------------------------
-
-
-def refresher(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHER_")}
-    return subprocess.run(
-        [sys.executable, "-m", "refresher", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-        check=False,
-    )
-
-
-def one_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 def test_cli_injects_a_stream_and_passes_the_rest_through(tmp_path: Path) -> None:

@@ -23,8 +23,7 @@ import yaml
 from refresher.inject import CONTAINER, LABEL, PREFIX, Refused, json_patch
 from refresher.inject_cli import DEFAULT_IMAGE, dump_documents
 from refresher.injector import admit
-from tests.deploy.test_inject import inject_pod, one_line, pod, refresher
-from tests.deploy.test_injector import review
+from tests.support.injection import inject_pod, one_line, pod, refresher, review
 
 Obj = dict[str, Any]
 

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from refresher.inject import CONTAINER, CREDENTIALS_VOLUME, LABEL, PREFIX, TOKEN_VOLUME
-from tests.deploy.test_inject import inject_pod
 from tests.support.harness import Harness, read_token, wait_until
+from tests.support.injection import inject_pod
 
 Obj = dict[str, Any]
 TOKEN_PATH = "/srv/app/adobe"

@@ -38,9 +38,17 @@ from hypothesis import strategies as st
 
 from refresher.inject import LABEL, PREFIX, json_patch
 from refresher.injector import admit
-from tests.deploy.test_inject import CRONJOB, DEPLOYMENT, STATEFULSET, inject_pod, load, template_of
+from tests.support.injection import (
+    CRONJOB,
+    DEPLOYMENT,
+    STATEFULSET,
+    Obj,
+    inject_pod,
+    load,
+    review,
+    template_of,
+)
 
-Obj = dict[str, Any]
 SECRET_ENV_VALUE = "hunter2-do-not-log-this-value"
 
 
@@ -284,25 +292,6 @@ def as_pod(template: Obj, generate_name: str = "web-7d9f8-") -> Obj:
     pod["metadata"]["generateName"] = generate_name
     pod["metadata"]["namespace"] = "shop"
     return {"apiVersion": "v1", "kind": "Pod", **pod}
-
-
-def review(pod: Obj, *, uid: str = "2f0b3a4e-1", operation: str = "CREATE") -> Obj:
-    return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-            "namespace": "shop",
-            "operation": operation,
-            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
-            "object": pod,
-            "oldObject": None,
-            "dryRun": False,
-        },
-    }
 
 
 def patched(pod: Obj, response: Obj) -> Obj:

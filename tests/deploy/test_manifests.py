@@ -9,29 +9,34 @@ Secret sink needs one).
 
 from __future__ import annotations
 
-import functools
 import re
 import subprocess
-import sys
-import tomllib
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-MANIFESTS = ROOT / "manifests"
-EXAMPLES = MANIFESTS / "examples"
+from tests.support.manifests import (
+    EXAMPLES,
+    KUBERNETES_VALIDATE,
+    MANIFESTS,
+    REFRESHER_IMAGE,
+    ROOT,
+    VENV_BIN,
+    Obj,
+    containers,
+    directory_id,
+    hardening_violations,
+    is_refresher,
+    pod_specs,
+    pod_templates,
+    project_version,
+    render,
+)
+
 DOCKERFILE = ROOT / "Dockerfile"
 DEPLOYING_DOC = ROOT / "docs" / "deploying.md"
 
-# Tools come from the project's venv (pyproject's test extra), never from PATH:
-# a machine's own kubectl may be older and render differently.
-VENV_BIN = Path(sys.executable).parent
-KUBECTL = VENV_BIN / "kubectl"
-KUBERNETES_VALIDATE = VENV_BIN / "kubernetes-validate"
 HADOLINT = VENV_BIN / "hadolint"
 
 # The newest schema set kubernetes-validate 1.37 ships. Native sidecars are GA
@@ -41,14 +46,10 @@ KUBERNETES_VERSION = "1.37.0"
 # rendered but not validated.
 CRD_API_GROUPS = ("monitoring.coreos.com/", "cert-manager.io/")
 
-REFRESHER_IMAGE = "ghcr.io/example/ims-token-refresher"
 REFRESHER_CONTAINER = "ims-token-refresher"
-REFRESHER_UID = 65532
 HTTP_PORT = 9876
 CREDENTIALS_SECRET = "adobe-ims-credentials"
 SERVICE_ACCOUNT = "ims-token-refresher"
-
-Obj = dict[str, Any]
 
 
 def _kustomization_dirs() -> list[Path]:
@@ -69,70 +70,8 @@ def _example_dirs() -> list[Path]:
     )
 
 
-def _id(directory: Path) -> str:
-    return directory.relative_to(MANIFESTS).as_posix()
-
-
-ALL_DIRS = pytest.mark.parametrize("directory", _kustomization_dirs(), ids=_id)
-EXAMPLE_DIRS = pytest.mark.parametrize("directory", _example_dirs(), ids=_id)
-
-
-def _missing_local_resources(directory: Path) -> list[str]:
-    """Local paths a kustomization refers to that are not written yet."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text(encoding="utf-8"))
-    entries = [*kustomization.get("resources", []), *kustomization.get("components", [])]
-    return [entry for entry in entries if "://" not in entry and not (directory / entry).exists()]
-
-
-@functools.cache
-def _kustomize(directory: Path) -> tuple[Obj, ...]:
-    result = subprocess.run(
-        [str(KUBECTL), "kustomize", str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, f"kubectl kustomize {_id(directory)}:\n{result.stderr}"
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
-
-
-def render(directory: Path) -> list[Obj]:
-    """The objects `kubectl apply -k directory` would send, or skip if a dependency is missing."""
-    missing = _missing_local_resources(directory)
-    if missing:
-        # manifests/base (RBAC) is written by another change; render once it lands.
-        pytest.skip(f"{_id(directory)} refers to {missing}, not present yet")
-    return list(_kustomize(directory))
-
-
-def pod_templates(objects: list[Obj]) -> Iterator[tuple[str, Obj]]:
-    """(kind/name, pod template or Pod) for every workload among the objects."""
-    for obj in objects:
-        kind, spec = obj["kind"], obj.get("spec", {})
-        if kind == "Pod":
-            template = obj
-        elif kind == "CronJob":
-            template = spec["jobTemplate"]["spec"]["template"]
-        elif kind in {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}:
-            template = spec["template"]
-        else:
-            continue
-        yield f"{kind}/{obj['metadata']['name']}", template
-
-
-def pod_specs(objects: list[Obj]) -> Iterator[tuple[str, Obj]]:
-    """(kind/name, pod spec) for every workload among the objects."""
-    for name, template in pod_templates(objects):
-        yield name, template["spec"]
-
-
-def containers(pod: Obj) -> list[Obj]:
-    return [*pod.get("initContainers", []), *pod.get("containers", [])]
-
-
-def is_refresher(container: Obj) -> bool:
-    return container["image"].split("@")[0].rsplit(":", 1)[0] == REFRESHER_IMAGE
+ALL_DIRS = pytest.mark.parametrize("directory", _kustomization_dirs(), ids=directory_id)
+EXAMPLE_DIRS = pytest.mark.parametrize("directory", _example_dirs(), ids=directory_id)
 
 
 def argv(container: Obj) -> list[str]:
@@ -177,12 +116,6 @@ def refresher_pods(objects: list[Obj]) -> list[tuple[str, Obj]]:
     ]
 
 
-def project_version() -> str:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
-        "version"
-    ]
-
-
 # --- rendering and schema -------------------------------------------------------
 
 
@@ -200,7 +133,7 @@ def test_every_example_is_a_kustomization() -> None:
 def test_kustomization_renders(directory: Path) -> None:
     """`kubectl kustomize` builds each kustomization into named, typed objects."""
     objects = render(directory)
-    assert objects, f"{_id(directory)} renders nothing"
+    assert objects, f"{directory_id(directory)} renders nothing"
     for obj in objects:
         assert obj.get("apiVersion") and obj.get("kind") and obj["metadata"].get("name"), obj
 
@@ -210,7 +143,7 @@ def test_objects_match_kubernetes_schema(directory: Path, tmp_path: Path) -> Non
     """Every built-in object passes strict schema validation for current Kubernetes."""
     objects = [obj for obj in render(directory) if not obj["apiVersion"].startswith(CRD_API_GROUPS)]
     if not objects:
-        pytest.skip(f"{_id(directory)} holds only custom resources")
+        pytest.skip(f"{directory_id(directory)} holds only custom resources")
     rendered = tmp_path / "rendered.yaml"
     rendered.write_text(yaml.safe_dump_all(objects, sort_keys=False), encoding="utf-8")
     result = subprocess.run(
@@ -253,36 +186,6 @@ def test_objects_carry_recommended_labels(directory: Path) -> None:
 # --- hardening ------------------------------------------------------------------
 
 
-def _hardening_violations(pod: Obj, container: Obj) -> list[str]:
-    pod_context = pod.get("securityContext", {})
-    context = container.get("securityContext", {})
-
-    def effective(key: str) -> Any:
-        # These four may be set on the pod and overridden per container.
-        return context.get(key, pod_context.get(key))
-
-    problems = []
-    if effective("runAsNonRoot") is not True:
-        problems.append("runAsNonRoot is not true")
-    user, group = effective("runAsUser"), effective("runAsGroup")
-    if is_refresher(container):
-        if (user, group) != (REFRESHER_UID, REFRESHER_UID):
-            problems.append(f"runs as {user}:{group}, not {REFRESHER_UID}:{REFRESHER_UID}")
-    elif not isinstance(user, int) or user == 0 or not isinstance(group, int):
-        # runAsNonRoot alone fails at start for images whose USER is root (busybox).
-        problems.append(f"runs as {user}:{group}; set a numeric non-root runAsUser/runAsGroup")
-    if (effective("seccompProfile") or {}).get("type") != "RuntimeDefault":
-        problems.append("seccompProfile is not RuntimeDefault")
-    if context.get("readOnlyRootFilesystem") is not True:
-        problems.append("readOnlyRootFilesystem is not true")
-    if context.get("allowPrivilegeEscalation") is not False:
-        problems.append("allowPrivilegeEscalation is not false")
-    capabilities = context.get("capabilities", {})
-    if capabilities.get("drop") != ["ALL"] or capabilities.get("add"):
-        problems.append(f"capabilities are {capabilities}, not drop: [ALL]")
-    return problems
-
-
 @EXAMPLE_DIRS
 def test_every_container_is_hardened(directory: Path) -> None:
     """Every container and init container runs non-root, read-only, without capabilities."""
@@ -290,7 +193,7 @@ def test_every_container_is_hardened(directory: Path) -> None:
         f"{name} {container['name']}: {problem}"
         for name, pod in pod_specs(render(directory))
         for container in containers(pod)
-        for problem in _hardening_violations(pod, container)
+        for problem in hardening_violations(pod, container)
     ]
     assert not problems, "\n".join(problems)
 
