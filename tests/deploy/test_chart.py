@@ -8,7 +8,7 @@ deployment contract (hardening, the webhook's scope, TLS wiring, RBAC by
 name), and the chart is kept in step with the CLI, the Kustomize examples and
 manifests/monitoring. Custom resources (cert-manager, prometheus-operator)
 have no schema here: they are listed and skipped explicitly. The injector's
-TLS (generated, kept on upgrade, cert-manager) is in tests/test_chart_tls.py.
+TLS (generated, kept on upgrade, cert-manager) is in tests/deploy/test_chart_tls.py.
 """
 
 from __future__ import annotations

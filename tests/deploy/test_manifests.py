@@ -57,7 +57,7 @@ def _kustomization_dirs() -> list[Path]:
 
 
 # Examples that run no token refresher: the injector example runs `refresher
-# injector`; tests/test_chart.py holds it to the same hardening.
+# injector`; tests/deploy/test_chart.py holds it to the same hardening.
 NOT_TOKEN_EXAMPLES = frozenset({"injector"})
 
 

@@ -316,7 +316,7 @@ def test_build_context_holds_what_the_wheel_needs(path: str) -> None:
     [
         ".venv/bin/python",
         ".git/HEAD",
-        "tests/test_packaging.py",
+        "tests/deploy/test_packaging.py",
         "bench/run.py",
         "docs/deploying.md",
         "manifests/examples/sidecar/deployment.yaml",

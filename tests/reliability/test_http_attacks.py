@@ -6,7 +6,7 @@ the real one, over loopback, for a few seconds.
 
 Attacks that held (TLS handshakes trickled or left half open, connect storms, renegotiation,
 hundreds of idle clients, close with clients connected, IPv6) are pinned in
-tests/test_httpserver.py, tests/test_injector.py and test_probe_flood.py, or listed in
+tests/unit/test_httpserver.py, tests/deploy/test_injector.py and test_probe_flood.py, or listed in
 docs/reliability.md."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Kubernetes faults, through the fake apiserver (tests/fakeapi.py: the real wire protocol,
+"""Kubernetes faults, through the fake apiserver (tests/support/fakeapi.py: the real wire protocol,
 resourceVersion preconditions, RBAC denials) and the official client in the real CLI:
 
 - the API down, then 403 on update: the Secret keeps the last good token, the failure is

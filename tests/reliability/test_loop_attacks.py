@@ -439,8 +439,9 @@ def test_stop_mid_file_publish_finishes_it_or_leaves_the_previous_state(
 
 
 # --------------------------------------------------------------------------- clock steps
-# A test cannot step the machine's wall clock: these use the injected clock (tests/fakes.py),
-# whose wall time steps while its monotonic time does not, exactly as after an NTP step.
+# A test cannot step the machine's wall clock: these use the injected clock
+# (tests/support/fakes.py), whose wall time steps while its monotonic time does not,
+# exactly as after an NTP step.
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The Secret sink, through a kubeconfig, the official client's HTTP layer and the fake
-apiserver on a real socket (tests/fakeapi.py)."""
+apiserver on a real socket (tests/support/fakeapi.py)."""
 
 from __future__ import annotations
 
