@@ -50,23 +50,26 @@ def leak_counts(text: str, secrets: Mapping[str, Iterable[str]]) -> Counter[str]
     return hits
 
 
-def leaked(text: str, secrets: Iterable[str]) -> list[str]:
-    """What leaked into `text`, named by position and length only (the report must not leak)."""
+def leaked(text: str, secrets: Iterable[str], *, shapes: bool = True) -> list[str]:
+    """What leaked into `text`, named by position and length only (the report must not leak).
+
+    `shapes=False` looks for the known secrets only: for a text that may rightly echo
+    key- or JWT-shaped input that is nobody's secret (a fuzzer's planted values)."""
     flat = _flatten(text)
     found = [
         f"secret #{index} ({len(secret)} chars)"
         for index, secret in enumerate(secrets)
         if _found(secret, text, flat)
     ]
-    if PRIVATE_KEY_HEADER.search(text):
+    if shapes and PRIVATE_KEY_HEADER.search(text):
         found.append("a private-key header")
-    if JWT_LIKE.search(text):
+    if shapes and JWT_LIKE.search(text):
         found.append("a JWT-shaped string")
     return found
 
 
-def assert_no_leak(text: str, secrets: Iterable[str]) -> None:
+def assert_no_leak(text: str, secrets: Iterable[str], *, shapes: bool = True) -> None:
     """Fail naming only which secret leaked (the assertion must not print it either)."""
-    found = leaked(text, secrets)
+    found = leaked(text, secrets, shapes=shapes)
     if found:
         raise AssertionError(f"leaked into output: {', '.join(found)}")

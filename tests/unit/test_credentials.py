@@ -885,16 +885,20 @@ def test_hand_built_credentials_are_validated(pair: keys.KeyPair) -> None:
 
 
 def _check_outcome(path: Path, secrets: keys.SecretTexts) -> None:
-    """Loading succeeds with a leak-free repr, or raises a leak-free one-line CredentialsError."""
+    """Loading succeeds with a leak-free repr, or raises a leak-free one-line CredentialsError.
+
+    The fuzzers plant a key-shaped text that is nobody's secret in any field, where it may
+    be echoed as that field's value: only the known secrets are looked for (shapes=False).
+    """
     try:
         creds = load_credentials(path)
     except CredentialsError as error:
         message = str(error)
-        assert_no_leak(message, secrets)
+        assert_no_leak(message, secrets, shapes=False)
         assert "\n" not in message
     else:
-        assert_no_leak(repr(creds), secrets)
-        assert_no_leak(json.dumps(creds.summary()), secrets)
+        assert_no_leak(repr(creds), secrets, shapes=False)
+        assert_no_leak(json.dumps(creds.summary()), secrets, shapes=False)
 
 
 @FUZZ
