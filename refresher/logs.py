@@ -26,6 +26,9 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _PEM = re.compile(r"-----BEGIN [A-Z ]+-----.*?(-----END [A-Z ]+-----|$)", re.DOTALL)
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})))
 _PERCENT_ESCAPE = re.compile(r"%[0-9A-F]{2}")
+# Characters that every form of `_forms` leaves as they are (URL quoting's always-safe
+# set, which JSON never escapes either): a value made of them only has one form.
+_ONE_FORM = re.compile(r"[A-Za-z0-9_.~-]*")
 
 # Secrets of this length or more are redacted wherever they occur, even inside a longer
 # word: a long random string there is that secret, not a coincidence. Shorter ones are
@@ -84,6 +87,8 @@ def redact(text: str, values: Sequence[str] = ()) -> str:
 def _forms(value: str) -> frozenset[str]:
     """`value` as it may appear in a log line: raw, percent-encoded (`quote`, `quote_plus`,
     upper- or lower-case hex) and JSON-escaped (with or without `\\/`, ASCII or not)."""
+    if _ONE_FORM.fullmatch(value):
+        return frozenset({value})  # a token (base64url and dots): computed every cycle
     escaped = {json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
     escaped |= {form.replace("/", "\\/") for form in escaped}
     encoded = {quote(value, safe=""), quote(value), quote_plus(value), quote_plus(value, safe="/")}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import socket
 import ssl
 import threading
@@ -27,7 +28,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 from urllib.parse import urlencode
 
 import requests
@@ -39,9 +40,6 @@ from refresher.errors import ExchangeError, LocalSetup, Transient
 
 MAX_BODY_BYTES = 1024 * 1024
 USER_AGENT = "ims-token-refresher"
-# The form is encoded here, as requests would encode a dict (UTF-8, `+` for spaces), and
-# passed as bytes: requests' own encoding runs runtime Protocol checks on every call.
-_FORM_HEADERS: Final = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def short(text: str, limit: int = 200) -> str:
@@ -182,6 +180,7 @@ class _Watchdog:
         self._cond = threading.Condition()
         self._armed: tuple[_Watch, float] | None = None
         self._thread: threading.Thread | None = None
+        self._wakes_at = math.inf  # when the thread's current wait ends by itself
 
     def arm(self, watch: _Watch, deadline: float) -> None:
         with self._cond:
@@ -191,7 +190,10 @@ class _Watchdog:
                     target=self._run, name="ims-exchange-deadline", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            # A thread that wakes before this deadline re-arms itself then: back-to-back
+            # exchanges do not wake it every time (a thread switch per cycle).
+            if deadline < self._wakes_at:
+                self._cond.notify()
 
     def disarm(self, watch: _Watch) -> None:
         # No notify: the thread wakes at the old deadline, finds nothing, sleeps again.
@@ -204,10 +206,12 @@ class _Watchdog:
             while True:
                 armed = self._armed
                 if armed is None:
+                    self._wakes_at = math.inf
                     self._cond.wait()
                     continue
                 remaining = armed[1] - time.monotonic()
                 if remaining > 0:
+                    self._wakes_at = armed[1]
                     self._cond.wait(remaining)
                     continue
                 self._armed = None
@@ -229,6 +233,10 @@ class Transport:
             context.load_verify_locations(cafile=str(ca_bundle))
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
+        # Every request is a form, encoded by `_post` as requests would encode a dict
+        # (UTF-8, `+` for spaces) and passed as bytes: requests' own encoding of a dict
+        # runs runtime Protocol checks on every call.
+        self.session.headers["Content-Type"] = "application/x-www-form-urlencoded"
         # TLS verification is always on: requests' default, never switched off here.
         adapter = _Adapter(context)
         self.session.mount("https://", adapter)
@@ -287,7 +295,6 @@ class Transport:
             with self.session.post(
                 url,
                 data=urlencode(list(form.items())).encode("ascii"),
-                headers=_FORM_HEADERS,
                 timeout=timeout,
                 stream=True,
                 allow_redirects=False,
