@@ -1,7 +1,7 @@
 """Time as a dependency: the real clock and an interruptible sleeper.
 
 Everything else receives a `Clock` and a `Sleeper`, so tests run a day of
-refreshes without waiting (see tests/fakes.py).
+refreshes without waiting (see tests/support/fakes.py).
 """
 
 from __future__ import annotations

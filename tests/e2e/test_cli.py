@@ -94,6 +94,10 @@ def test_environment_supplies_flags_and_command_line_wins(harness: Harness) -> N
             ["once", "--credentials", "CREDS", "--token-dir", "T", "--file-mode", "0999"],
             "--file-mode",
         ),
+        (
+            ["once", "--credentials", "CREDS", "--token-dir", "T", "--file-mode", "0666"],
+            "not be writable by group or others",
+        ),
         (["once", "--credentials", "CREDS", "--token-dir", "T", "--flow", "saml"], "--flow"),
         (
             [
