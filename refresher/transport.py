@@ -33,6 +33,7 @@ from urllib.parse import urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.utils import get_netrc_auth
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -237,6 +238,13 @@ class Transport:
         # (UTF-8, `+` for spaces) and passed as bytes: requests' own encoding of a dict
         # runs runtime Protocol checks on every call.
         self.session.headers["Content-Type"] = "application/x-www-form-urlencoded"
+        # What requests reads from the environment (proxies and NO_PROXY, the CA bundle
+        # variables, ~/.netrc) is read once per URL by `_environment`, not on every
+        # request: with trust_env, requests scans the whole environment twice and stats
+        # the netrc files per request, and a pod's environment holds a pair of variables
+        # per Service of its namespace. A process's environment does not change under it.
+        self.session.trust_env = False
+        self._environments: dict[str, dict[str, Any]] = {}
         # TLS verification is always on: requests' default, never switched off here.
         adapter = _Adapter(context)
         self.session.mount("https://", adapter)
@@ -287,6 +295,14 @@ class Transport:
             f"{self.deadline_s:g}s (--connect-timeout + --read-timeout)"
         )
 
+    def _environment(self, url: str) -> dict[str, Any]:
+        found = self._environments.get(url)
+        if found is None:
+            if len(self._environments) >= 8:  # a few IMS URLs in a process's life
+                self._environments.clear()
+            found = self._environments[url] = _environment_for(url)
+        return {**found, "proxies": dict(found["proxies"])}
+
     def _post(self, url: str, form: Mapping[str, str]) -> Answer:
         timeout = (self.connect_timeout_s, self.read_timeout_s)
         try:
@@ -298,6 +314,7 @@ class Transport:
                 timeout=timeout,
                 stream=True,
                 allow_redirects=False,
+                **self._environment(url),
             ) as response:
                 debug_id = response.headers.get("x-debug-id")
                 body = bytearray()
@@ -335,6 +352,17 @@ class Transport:
                 f"cannot set up TLS for {url}: {exc.strerror or type(exc).__name__} "
                 "(check REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE and --ca-bundle)"
             ) from None
+
+
+def _environment_for(url: str) -> dict[str, Any]:
+    """The proxies, TLS verification and netrc auth that a `requests.Session` trusting
+    the environment (requests' default) would use for `url`."""
+    settings = requests.Session().merge_environment_settings(url, {}, None, None, None)
+    return {
+        "proxies": settings["proxies"],
+        "verify": settings["verify"],
+        "auth": get_netrc_auth(url),
+    }
 
 
 def _tls_reason(exc: Exception) -> str:
