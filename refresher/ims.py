@@ -177,16 +177,26 @@ def _unverified_claims(token: str) -> dict[str, Any] | None:
     if len(parts) != 3:
         return None
     try:
-        header, claims, _ = (
-            base64.b64decode(part + "=" * (-len(part) % 4), altchars=b"-_", validate=True)
-            for part in parts
-        )
+        header, claims, _ = (_base64url(part) for part in parts)
         header_object, claims_object = json.loads(header), json.loads(claims)
     except (binascii.Error, ValueError, RecursionError):
         return None
     if not isinstance(header_object, dict) or not isinstance(claims_object, dict):
         return None
     return claims_object
+
+
+def _base64url(part: str) -> bytes:
+    """One part, decoded as strictly as PyJWT does: at most two `=`, only where they
+    complete a quantum, and the canonical encoding of what it decodes to."""
+    stripped = part.rstrip("=")
+    padding = len(part) - len(stripped)
+    if padding > 2 or (padding and len(part) % 4) or len(stripped) % 4 == 1:
+        raise ValueError("bad padding")
+    raw = base64.b64decode(stripped + "=" * (-len(stripped) % 4), altchars=b"-_", validate=True)
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != stripped.encode("ascii"):
+        raise ValueError("not canonical base64url")
+    return raw
 
 
 def units_mixed_up(response_s: float, claims_life_s: float) -> bool:
