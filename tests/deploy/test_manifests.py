@@ -512,7 +512,7 @@ def test_deploying_doc_names_exist_in_manifests() -> None:
         "job": "job",
         "cronjob": "cronjob",
     }
-    for alias, name in re.findall(r"\b(deploy|deployment|cronjob|job)/([\w-]+)", text):
+    for alias, name in re.findall(r"(?<![/\w])(deploy|deployment|cronjob|job)/([\w-]+)", text):
         assert (aliases[alias], name) in names, f"{alias}/{name} is not in the manifests"
 
     container_names = {c["name"] for _, pod in pod_specs(objects) for c in containers(pod)}

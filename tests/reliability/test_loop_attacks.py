@@ -171,7 +171,8 @@ def test_run_reports_broken_credentials_and_recovers_when_fixed(harness: Harness
     assert requests_seen(harness) == 0
     credentials.write_text(harness.oauth.read_text())
     wait_until(lambda: (token_dir / "access_token").exists(), timeout=15)
-    assert refresher.get("/readyz")[0] == 200
+    # Readiness follows the sinks' answer, a moment after the files become visible.
+    wait_until(lambda: refresher.get("/readyz")[0] == 200, timeout=5)
     assert refresher.stop() == 0
 
 
