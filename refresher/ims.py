@@ -156,7 +156,7 @@ def _json_object(body: bytes) -> dict[str, object]:
 def _claims_lifetime(access_token: str) -> tuple[float, float] | None:
     """The IMS token's own `created_at` (IMS's clock, Unix s) and `expires_in` (s), read
     unverified (we only read its lifetime); None if it is not a JWT carrying both."""
-    claims = _unverified_claims(access_token)
+    claims = unverified_claims(access_token)
     if claims is None:
         return None
     try:
@@ -169,7 +169,7 @@ def _claims_lifetime(access_token: str) -> tuple[float, float] | None:
     return created_s, life_s
 
 
-def _unverified_claims(token: str) -> dict[str, Any] | None:
+def unverified_claims(token: str) -> dict[str, Any] | None:
     """The payload of a compact JWS (three base64url parts, header and payload JSON
     objects), unverified; None for anything else. What PyJWT's unverified decode accepts,
     without its per-character alphabet scan of every part (most of a cycle's parsing)."""

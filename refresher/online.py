@@ -16,13 +16,11 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-import jwt
-
 from refresher.clock import EventSleeper, SystemClock
 from refresher.config import Settings, plain_http_problem
 from refresher.credentials import Credentials, load_settled
 from refresher.errors import EXIT_OK, CredentialsError, ExchangeError, Rejected
-from refresher.ims import ImsClient
+from refresher.ims import ImsClient, unverified_claims
 from refresher.logs import SecretRegistry, setup_logging
 from refresher.token import AccessToken, rfc3339
 
@@ -77,11 +75,8 @@ def print_token(
 
 def granted_scopes(access_token: str) -> list[str] | None:
     """The `scope` claim of an IMS token (read unverified, as IMS's own clients do)."""
-    try:
-        claims = jwt.decode(access_token, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return None
-    scope = claims.get("scope") if isinstance(claims, dict) else None
+    claims = unverified_claims(access_token)
+    scope = claims.get("scope") if claims is not None else None
     if not isinstance(scope, str):
         return None
     return [s for s in (part.strip() for part in scope.split(",")) if s]

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 import refresher.service
 from refresher.assertion import sign
 from refresher.credentials import Credentials
-from refresher.ims import _unverified_claims
+from refresher.ims import unverified_claims
 from refresher.token import AccessToken
 from refresher.transport import _Watch, _Watchdog
 from tests.support.fakes import FakeClock
@@ -151,7 +151,7 @@ def test_token_claims_are_read_as_pyjwt_reads_them(token: str) -> None:
         expected = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError:
         expected = None
-    assert _unverified_claims(token) == expected
+    assert unverified_claims(token) == expected
 
 
 def test_credentials_are_parsed_again_only_after_a_change(
