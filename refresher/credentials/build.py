@@ -17,11 +17,19 @@ from refresher.errors import CredentialsError, CredentialsNotReady
 
 FlowChoice = Literal["auto", "jwt", "oauth"]
 
+# A host (DNS name or bracketed IPv6) with an optional port, or an http(s) URL of one: what
+# IMS endpoints look like. Anything else (a pasted key, whitespace, non-ASCII) is refused
+# here, so it never reaches a URL, a repr or a summary.
+_ENDPOINT: Final = re.compile(
+    r"(https?://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)"
+    r"(:[0-9]{1,5})?(/[!-~]*)?"
+)
+
 
 def build(raw: Raw, flow_choice: FlowChoice) -> Credentials:
     client_id = raw.text("client_id")
     secrets = _secrets(raw)
-    ims_endpoint = raw.text("ims_endpoint")
+    ims_endpoint = _endpoint(raw)
     org_id = raw.text("org_id")
     technical_account_id = raw.text("technical_account_id")
     flow = _flow(raw, flow_choice)
@@ -63,6 +71,16 @@ def build(raw: Raw, flow_choice: FlowChoice) -> Credentials:
 def _has_key(raw: Raw) -> bool:
     value = raw.values.get("private_key")
     return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def _endpoint(raw: Raw) -> str | None:
+    endpoint = raw.text("ims_endpoint")
+    if endpoint is not None and not _ENDPOINT.fullmatch(endpoint):
+        # Never quoted: whatever was pasted here may be a secret.
+        raise raw.error(
+            "must be a host or an http(s) URL, like ims-na1.adobelogin.com", "ims_endpoint"
+        )
+    return endpoint
 
 
 def _flow(raw: Raw, flow_choice: FlowChoice) -> Flow:

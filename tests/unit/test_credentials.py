@@ -1187,3 +1187,26 @@ def test_change_signature_never_raises_for_a_path_pathlib_refuses() -> None:
     too_long = Path("/tmp") / ("x" * 5000)
     first = change_signature(too_long)
     assert first == change_signature(too_long)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIE",
+        "ims na1.adobelogin.com",
+        "ftp://ims.example",
+        "ïms.example",
+    ],
+)
+def test_an_ims_endpoint_that_is_no_host_or_url_is_refused_unquoted(
+    tmp_path: Path, endpoint: str
+) -> None:
+    """imsEndpoint must look like a host or an http(s) URL; what is there is never quoted.
+
+    A key pasted into the wrong field used to reach the credentials' repr and `check`'s
+    summary (the credentials fuzzer found it).
+    """
+    doc = keys.oauth_document(ims_endpoint=endpoint)
+    error = failure(keys.write_json(tmp_path / "o.json", doc), [endpoint])
+    assert error.field == "ims_endpoint"
+    assert "host or an http(s) URL" in str(error)
