@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from measuring import MIB, Workspace, percentile, status, stderr_of
 
-# The pod template of a Deployment that opts in (as tests/test_inject.py's DEPLOYMENT):
+# The pod template of a Deployment that opts in (as tests/support/injection.py's DEPLOYMENT):
 # a copy, so that the benchmark does not depend on the test suite's layout.
 POD: dict[str, Any] = {
     "apiVersion": "v1",

@@ -2,7 +2,7 @@
 
 - the refresher as the container runs it: `refresher once`, and `refresher run` with
   its defaults (JSON logs at info, probes served, here on 127.0.0.1:0), to a file sink
-  and to a file + Secret sink (tests/fakeapi.py's apiserver, through KUBECONFIG);
+  and to a file + Secret sink (tests/support/fakeapi.py's apiserver, through KUBECONFIG);
 - the floor (bench/floor.py): `requests` + PyJWT doing the same exchange and nothing
   else, parsing the key once: the least any Python implementation pays;
 - Adobe's own Node client, `@adobe/jwt-auth` (bench/peer_jwt_auth.js), installed from
