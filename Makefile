@@ -78,6 +78,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	@# Size is a smell when concerns mix: a module past ~500 lines is split by concern (issue 11).
+	@awk 'FNR == 521 { print FILENAME ": over 520 lines: split it by concern"; bad = 1 } END { exit bad }' \
+	  $$(find refresher ims_emulator -name '*.py')
 
 ## bench: benchmarks against the emulator and peers; writes docs/benchmarks.md
 bench: $(STAMP)
