@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import datetime as dt
 import http.client
-import ipaddress
 import json
 import os
 import socket
@@ -32,10 +30,6 @@ from typing import Any
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry
 
 from refresher.clock import SystemClock
@@ -43,6 +37,7 @@ from refresher.health import HealthState
 from refresher.httpserver import HttpServer, Limits, Request, Response
 from refresher.metrics import Metrics
 from refresher.server import ProbeServer
+from tests.support.tls import self_signed_loopback
 
 pytestmark = pytest.mark.slow
 
@@ -240,31 +235,7 @@ def test_at_the_descriptor_limit_probes_are_answered_without_a_hot_loop(
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "attacked")])
-    now = dt.datetime.now(dt.UTC)
-    loopback = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([loopback]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    return self_signed_loopback(directory, "attacked")
 
 
 def _injector_memory_limit_mib() -> float:

@@ -13,7 +13,6 @@ and what 0.1.0 waited for).
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import signal
 import socket
 import ssl
@@ -24,16 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from refresher.config import build_settings
 from refresher.credentials import load_credentials
 from refresher.errors import Transient
 from refresher.ims import ImsClient
 from tests.support.harness import Harness, wait_until
+from tests.support.tls import self_signed_loopback
 
 pytestmark = pytest.mark.slow
 
@@ -114,33 +110,7 @@ class Trickler:
 
 def _tls_pair(directory: Path) -> tuple[ssl.SSLContext, Path]:
     """A server context for 127.0.0.1 and the CA file (the certificate itself) to trust."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trickler")])
-    now = dt.datetime.now(dt.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert_file, key_file = self_signed_loopback(directory, "trickler")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
     return context, cert_file

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import ipaddress
 import json
 import logging
 import subprocess
@@ -23,6 +22,7 @@ from refresher.sinks.secret import SecretSink, _held_token
 from refresher.token import AccessToken
 from tests.support.fakeapi import FakeApiServer
 from tests.support.fakes import FakeClock
+from tests.support.tls import self_signed_loopback
 
 NS = "team-a"
 NAME = "adobe-ims-token"
@@ -641,39 +641,7 @@ def test_in_cluster_without_service_account_is_a_configuration_error(
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
     """A CA-free self-signed certificate for 127.0.0.1 (what the client will verify)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-apiserver")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = directory / "tls.crt", directory / "tls.key"
-    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return certfile, keyfile
+    return self_signed_loopback(directory, "fake-apiserver")
 
 
 def test_in_cluster_over_tls_with_the_service_account(
