@@ -37,6 +37,7 @@ from refresher.health import HealthState
 from refresher.httpserver import HttpServer, Limits, Request, Response
 from refresher.metrics import Metrics
 from refresher.server import ProbeServer
+from tests.support.harness import timed_get
 from tests.support.tls import self_signed_loopback
 
 pytestmark = pytest.mark.slow
@@ -132,18 +133,7 @@ def child() -> Iterator[Callable[[int], Child]]:
 
 def _probe(port: int, path: str = "/healthz") -> tuple[int, float]:
     """One GET on a fresh connection: (status, or 0 if it failed; seconds taken)."""
-    started = time.monotonic()
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        response.read()
-        status = response.status
-    except OSError:
-        status = 0
-    finally:
-        connection.close()
-    return status, time.monotonic() - started
+    return timed_get(port, path)
 
 
 # ---------------------------------------------------------------- pipelining

@@ -6,7 +6,6 @@ and the refresh loop keeps its cadence. Loopback only, a few seconds each."""
 from __future__ import annotations
 
 import contextlib
-import http.client
 import selectors
 import socket
 import threading
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.harness import Harness, wait_until
+from tests.support.harness import Harness, timed_get, wait_until
 
 from .support import Refresher, observed_run
 
@@ -61,19 +60,8 @@ def _start(harness: Harness) -> Refresher:
 
 
 def _timed_probe(port: int, path: str = "/healthz") -> tuple[int, float]:
-    """One GET on a fresh connection: (status or 0 if it failed, seconds taken)."""
-    started = time.monotonic()
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        response.read()
-        status = response.status
-    except OSError:
-        status = 0
-    finally:
-        connection.close()
-    return status, time.monotonic() - started
+    """One GET on a fresh connection: (status, or 0 if it failed; seconds taken)."""
+    return timed_get(port, path, timeout=2)
 
 
 class Issues(threading.Thread):

@@ -4,6 +4,7 @@ tests/conftest.py builds it)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -136,3 +137,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20, interval: flo
 
 def read_token(token_dir: Path) -> str:
     return (token_dir / "access_token").read_text()
+
+
+def timed_get(port: int, path: str = "/healthz", timeout: float = 5) -> tuple[int, float]:
+    """One GET to 127.0.0.1:port on a fresh connection: (status, or 0 if it failed; seconds)."""
+    started = time.monotonic()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        status = response.status
+    except OSError:
+        status = 0
+    finally:
+        connection.close()
+    return status, time.monotonic() - started

@@ -12,9 +12,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def self_signed_loopback(directory: Path, common_name: str = "test") -> tuple[Path, Path]:
-    """(certificate, key) PEM files in `directory`: an EC P-256 certificate for 127.0.0.1,
-    its own CA (a client trusts it by loading the certificate file as its CA bundle)."""
+def self_signed_loopback(
+    directory: Path, common_name: str = "test", *, stem: str = "tls"
+) -> tuple[Path, Path]:
+    """(certificate, key) PEM files `stem.crt`, `stem.key` in `directory`: an EC P-256
+    certificate for 127.0.0.1, its own CA (a client trusts it by loading the certificate
+    file as its CA bundle)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
@@ -33,7 +36,7 @@ def self_signed_loopback(directory: Path, common_name: str = "test") -> tuple[Pa
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
+    cert_file, key_file = directory / f"{stem}.crt", directory / f"{stem}.key"
     cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(
         key.private_bytes(

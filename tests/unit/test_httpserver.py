@@ -5,7 +5,6 @@ failures, eviction at the connection cap, prompt close."""
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import http.client
 import ipaddress
 import logging
@@ -20,16 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refresher.httpserver import SERVER, HttpServer, Limits, Request, Response
 from refresher.httpwire import Head, Refusal, head_length, parse_head, serialize
 from tests.support.harness import wait_until
+from tests.support.tls import self_signed_loopback
 
 # `make fuzz` sets FUZZ_EXAMPLES=10000; the default keeps `make test` fast.
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
@@ -378,30 +374,7 @@ def test_a_busy_port_fails_at_construction() -> None:
 
 
 def _certificate(directory: Path, name: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(_LOOPBACK)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    return self_signed_loopback(directory, name, stem=name)
 
 
 _LOOPBACK = ipaddress.ip_address("127.0.0.1")
