@@ -162,6 +162,17 @@ def test_a_trickling_ims_meets_the_exchange_deadline(
     assert DEADLINE_S - 0.2 <= elapsed <= DEADLINE_S + 1.5
 
 
+def _once_against(
+    harness: Harness, trickler: Trickler, *, connect_s: float, read_s: float
+) -> list[str]:
+    """`once` with the OAuth credentials against the trickling server, these timeouts."""
+    return [
+        *("once", "--credentials", str(harness.oauth), "--token-dir", str(harness.root / "out")),
+        *("--ims-endpoint", trickler.url, "--allow-insecure-http"),
+        *("--connect-timeout", f"{connect_s:g}", "--read-timeout", f"{read_s:g}"),
+    ]
+
+
 def test_once_exits_1_at_the_deadline(harness: Harness, figures: dict[str, object]) -> None:
     """The real `once` against a trickling IMS: exit 1 about the deadline after it starts,
     the failed attempt logged as the deadline (0.1.0 ran until the trickle ended)."""
@@ -169,18 +180,7 @@ def test_once_exits_1_at_the_deadline(harness: Harness, figures: dict[str, objec
     try:
         started = time.monotonic()
         result = harness.run(
-            "once",
-            "--credentials",
-            str(harness.oauth),
-            "--token-dir",
-            str(harness.root / "out"),
-            "--ims-endpoint",
-            trickler.url,
-            "--allow-insecure-http",
-            "--connect-timeout",
-            str(CONNECT_S),
-            "--read-timeout",
-            str(READ_S),
+            *_once_against(harness, trickler, connect_s=CONNECT_S, read_s=READ_S),
             # Past the retry deadline when the exchange ends, but short of once's own
             # backstop (retry timeout + 2 s): the exchange deadline is what ends it.
             "--retry-timeout",
@@ -202,20 +202,7 @@ def test_sigterm_ends_an_exchange_in_flight(harness: Harness, figures: dict[str,
     within 2 s, publishing nothing."""
     trickler = Trickler("body")
     try:
-        proc = harness.start(
-            "once",
-            "--credentials",
-            str(harness.oauth),
-            "--token-dir",
-            str(harness.root / "out"),
-            "--ims-endpoint",
-            trickler.url,
-            "--allow-insecure-http",
-            "--connect-timeout",
-            "30",
-            "--read-timeout",
-            "30",
-        )
+        proc = harness.start(*_once_against(harness, trickler, connect_s=30, read_s=30))
         wait_until(lambda: trickler.requests == 1, timeout=20)
         time.sleep(0.5)  # well inside the trickle
         sent = time.monotonic()
