@@ -39,8 +39,9 @@ class HealthState:
         self._stopped = False
 
     def heartbeat(self) -> None:
-        with self._lock:
-            self._heartbeat = self.clock.monotonic()
+        # Called every sleep slice for as long as `run` lives: one store, no lock (a
+        # float attribute is replaced whole; liveness reads it once).
+        self._heartbeat = self.clock.monotonic()
 
     def published(self, expires_at: datetime) -> None:
         with self._lock:

@@ -8,9 +8,12 @@ everything else is a permanent `CredentialsError`.
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from stat import S_ISDIR, S_ISLNK
+from typing import Any, Final
 
 from refresher.atomic_dir import (
     DATA_LINK,
@@ -132,44 +135,58 @@ def _decode(data: bytes, source: str, field: str) -> str:
         ) from None
 
 
-def change_signature(path: Path) -> tuple[object, ...]:
+def change_signature(path: str | os.PathLike[str]) -> tuple[object, ...]:
     """A cheap fingerprint of PATH that differs after any change kubelet or a user makes.
 
     Only `stat`, `readlink` and `listdir`: no reads, no parsing. Never raises
     for a filesystem state (missing, dangling, unreadable): the state is part of
     the signature, so its appearance or disappearance is itself a change.
+
+    `run` takes one every `--watch-interval` for as long as it lives, so it is plain
+    `os` calls on strings (no pathlib objects): an lstat, a stat only when PATH is a
+    link, the `..data` readlink, and for a directory one scandir and a stat per key.
     """
-    path = Path(path)
-    parts: list[object] = [str(path), _stat_part(path, follow=False), _stat_part(path)]
+    name = os.fspath(path)
+    link = _stat_part(name, follow=False)
+    # A stat that follows nothing would return the very same fields.
+    target = _stat_part(name) if link[0] == "error" or S_ISLNK(link[0]) else link
+    if target[0] != "error" and S_ISDIR(target[0]):
+        return _directory_signature(name, link, target)
+    # A file inside a Secret volume: its stat already follows ..data, and the
+    # link target names the snapshot, which kubelet never reuses.
+    return (name, link, target, _readlink_part(_data_link(name, inside=False)))
+
+
+def _directory_signature(
+    name: str, link: tuple[object, ...], target: tuple[object, ...]
+) -> tuple[object, ...]:
+    parts: list[object] = [name, link, target, _readlink_part(_data_link(name, inside=True))]
     try:
-        is_dir = path.is_dir()
-    except OSError:  # pathlib swallows ENOENT and ELOOP, not EACCES or ENAMETOOLONG
-        is_dir = False
-    if is_dir:
-        parts.append(_readlink_part(path / DATA_LINK))
-        try:
-            names = sorted(e.name for e in path.iterdir() if not is_writers(e.name))
-        except OSError as exc:
-            names = []
-            parts.append(("listdir", exc.errno))
-        parts.extend((name, _stat_part(path / name)) for name in names)
-    else:
-        # A file inside a Secret volume: its stat already follows ..data, and the
-        # link target names the snapshot, which kubelet never reuses.
-        parts.append(_readlink_part(path.parent / DATA_LINK))
+        with os.scandir(name) as entries:
+            found = sorted((e.name, e.path) for e in entries if not is_writers(e.name))
+    except OSError as exc:
+        found = []
+        parts.append(("listdir", exc.errno))
+    parts.extend((entry, _stat_part(path)) for entry, path in found)
     return tuple(parts)
 
 
-def _stat_part(path: Path, *, follow: bool = True) -> tuple[object, ...]:
+@functools.lru_cache(maxsize=8)
+def _data_link(name: str, *, inside: bool) -> str:
+    """`..data` in the directory NAME (`inside`), or beside the file NAME."""
+    return str((Path(name) if inside else Path(name).parent) / DATA_LINK)
+
+
+def _stat_part(name: str, *, follow: bool = True) -> tuple[Any, ...]:
     try:
-        st = path.stat(follow_symlinks=follow)
+        st = os.stat(name, follow_symlinks=follow)  # noqa: PTH116 (no Path per watch check)
     except OSError as exc:
         return ("error", exc.errno)
     return (st.st_mode, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _readlink_part(link: Path) -> tuple[object, ...]:
+def _readlink_part(link: str) -> tuple[object, ...]:
     try:
-        return ("link", str(link.readlink()))
+        return ("link", os.readlink(link))
     except OSError as exc:
         return ("error", exc.errno)
