@@ -33,7 +33,8 @@ class Plan:
     startup_runs: int = 15  # cheap (~1 s a round) and the noisiest figure: more rounds
     memory_window_s: float = 12.0
     memory_ttl_s: float = 2.0  # the refresher refreshes every ~1.5 s; the peers loop at 1.5 s
-    idle_window_s: float = 60.0
+    idle_runs: int = 10  # a wake-up's cost differs from process to process: more of them
+    idle_window_s: float = 120.0
     idle_settle_s: float = 5.0
     cycle_ttl_s: float = 0.1
     cycle_warmup: int = 20
@@ -54,6 +55,7 @@ class Plan:
             runs=2,
             startup_runs=2,
             memory_window_s=5.0,
+            idle_runs=2,
             idle_window_s=5.0,
             idle_settle_s=2.0,
             cycle_warmup=5,
@@ -148,7 +150,7 @@ def memory(lab: Lab, plan: Plan, results: Results) -> None:
 def idle(lab: Lab, plan: Plan, results: Results) -> None:
     """CPU and wake-ups over a window with a day-long token; every instance side by side."""
     emulator = Emulator(lab.space, 86400)
-    group = _side_by_side(lab, emulator, lab.loops(86400.0), plan.runs)
+    group = _side_by_side(lab, emulator, lab.loops(86400.0), plan.idle_runs)
     time.sleep(plan.idle_settle_s)
     first = {child.pid: sample(child.pid) for _, child, _ in group}
     time.sleep(plan.idle_window_s)

@@ -131,7 +131,8 @@ class Workspace:
         self._serial += 1
         return self.work / f"{self._serial:04d}-{stem}"
 
-    def env(self, *, kubeconfig: Path | None = None, src: bool = True) -> dict[str, str]:
+    def env(self, *, kubeconfig: Path | None = None, src: bool | Path = True) -> dict[str, str]:
+        """The children's environment; `src` a tree puts that refresher on PYTHONPATH."""
         env = {
             k: v
             for k, v in os.environ.items()
@@ -143,7 +144,9 @@ class Workspace:
         env.pop("PYTHONPATH", None)
         env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
         env["NODE_PATH"] = str(self.node_path)
-        if src and self.src is not None:
+        if isinstance(src, Path):
+            env["PYTHONPATH"] = str(src)
+        elif src and self.src is not None:
             env["PYTHONPATH"] = str(self.src)
         if kubeconfig is not None:
             env["KUBECONFIG"] = str(kubeconfig)
@@ -156,7 +159,7 @@ class Workspace:
         stdout: int | IO[Any] = subprocess.DEVNULL,
         kubeconfig: Path | None = None,
         name: str = "proc",
-        src: bool = True,
+        src: bool | Path = True,
         cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
         stderr_path = self.path(f"{name}.stderr")

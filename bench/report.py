@@ -24,29 +24,45 @@ SAVINGS = BENCH / "savings.toml"
 
 
 @dataclass(frozen=True)
+class Measured:
+    """What a goal is judged on: this run's figure, and its ratios to the same run's peers."""
+
+    ours: Summary
+    vs_floor: Summary | None
+    vs_v010: Summary | None  # to 0.1.0 itself, run beside today's refresher
+
+
+@dataclass(frozen=True)
 class Goal:
-    """A goal for a figure: its text, and a check of (summary, ratio to the floor)."""
+    """A goal for a figure: its text, and a check (None: its peer was not measured)."""
 
     text: str
-    check: Callable[[Summary, Summary | None], bool | None]
+    check: Callable[[Measured], bool | None]
+
+
+def _ratio_at_most(ratio: Summary | None, limit: float) -> bool | None:
+    return None if ratio is None else ratio.median <= limit
 
 
 def vs_floor(limit: float) -> Goal:
-    return Goal(
-        f"<= {limit:g}x floor", lambda _s, ratio: None if ratio is None else ratio.median <= limit
-    )
+    return Goal(f"<= {limit:g}x floor", lambda m: _ratio_at_most(m.vs_floor, limit))
+
+
+def vs_v010(limit: float) -> Goal:
+    """No regression against 0.1.0 run beside us, with `limit` for the machine's noise."""
+    return Goal(f"<= {limit:g}x 0.1.0 (this run)", lambda m: _ratio_at_most(m.vs_v010, limit))
 
 
 def at_most(limit: float, unit: str) -> Goal:
-    return Goal(f"<= {limit:g} {unit}".strip(), lambda s, _r: s.median <= limit)
+    return Goal(f"<= {limit:g} {unit}".strip(), lambda m: m.ours.median <= limit)
 
 
 def at_least(limit: float, unit: str) -> Goal:
-    return Goal(f">= {limit:g} {unit}".strip(), lambda s, _r: s.low >= limit)
+    return Goal(f">= {limit:g} {unit}".strip(), lambda m: m.ours.low >= limit)
 
 
 def below(limit: float, unit: str) -> Goal:
-    return Goal(f"< {limit:g} {unit}".strip(), lambda s, _r: s.median < limit)
+    return Goal(f"< {limit:g} {unit}".strip(), lambda m: m.ours.median < limit)
 
 
 def no_worse_vs_floor(ratio_010: float) -> Goal:
@@ -56,8 +72,7 @@ def no_worse_vs_floor(ratio_010: float) -> Goal:
     1.5 MiB since 0.1.0's run); the ratio to the floor does not.
     """
     return Goal(
-        f"<= {ratio_010:g}x floor (0.1.0's ratio)",
-        lambda _s, ratio: None if ratio is None else ratio.median <= ratio_010,
+        f"<= {ratio_010:g}x floor (0.1.0's ratio)", lambda m: _ratio_at_most(m.vs_floor, ratio_010)
     )
 
 
@@ -74,6 +89,11 @@ class Figure:
     digits: int
     goal: Goal | None = None
     v010: float | None = None  # 0.1.0's figure (docs/benchmarks.md of 2026-11-26)
+
+    @property
+    def v010_subject(self) -> str:
+        """0.1.0's runs of the same figure, in the same section of this run (if any)."""
+        return {"once": "v010_once", "run": "v010", "secret": "v010_secret"}.get(self.subject, "")
 
 
 F = Figure
@@ -100,9 +120,9 @@ FIGURES = [
     F("secret_hwm", "`run`, file + Secret sinks: peak RSS", "memory", "hwm_mib", "secret",
       "MiB", 1, None, 60.4),
     F("idle_cpu", "`run`, idle (day-long token): CPU", "idle", "millicores", "run",
-      "millicores", 3, at_most(0.1, "millicores"), 0.065),
+      "millicores", 3, vs_v010(1.10), 0.065),
     F("idle_cpu_secret", "`run` + Secret, idle: CPU", "idle", "millicores", "secret",
-      "millicores", 3, at_most(0.1, "millicores"), 0.065),
+      "millicores", 3, vs_v010(1.10), 0.065),
     F("idle_wakeups", "`run`, idle: wake-ups", "idle", "wakeups_per_s", "run", "/s", 2,
       None, 0.20),
     F("idle_rss", "`run`, idle: RSS", "idle", "rss_mib", "run", "MiB", 1, None, 42.5),
@@ -171,6 +191,8 @@ class Row:
     node: Summary | None
     vs_floor: Summary | None
     vs_node: Summary | None
+    v010_now: Summary | None  # 0.1.0 run beside us
+    vs_v010: Summary | None
     met: bool | None
 
 
@@ -181,17 +203,20 @@ def rows(results: Results) -> list[Row]:
         if ours is None:
             continue
         mine = results.values(figure.section, figure.metric, figure.subject)
-        theirs = {k: results.values(figure.section, figure.metric, k) for k in ("floor", "node")}
-        vs_floor, vs_node = (paired_ratios(mine, theirs[k]) for k in ("floor", "node"))
-        met = figure.goal.check(ours, vs_floor) if figure.goal else None
+        peers = {"floor": "floor", "node": "node", "v010": figure.v010_subject}
+        theirs = {k: results.values(figure.section, figure.metric, v) for k, v in peers.items()}
+        vs = {k: paired_ratios(mine, values) for k, values in theirs.items()}
+        met = figure.goal.check(Measured(ours, vs["floor"], vs["v010"])) if figure.goal else None
         found.append(
             Row(
                 figure,
                 ours,
                 Summary.of(theirs["floor"]),
                 Summary.of(theirs["node"]),
-                vs_floor,
-                vs_node,
+                vs["floor"],
+                vs["node"],
+                Summary.of(theirs["v010"]),
+                vs["v010"],
                 met,
             )
         )
@@ -200,8 +225,8 @@ def rows(results: Results) -> list[Row]:
 
 def table(found: list[Row]) -> str:
     head = "| figure | refresher (median) | spread | floor | @adobe/jwt-auth | vs floor | "
-    head += "vs @adobe/jwt-auth | 0.1.0 | goal | verdict |"
-    lines = [head, "|---|---:|---|---:|---:|---|---|---:|---|---|"]
+    head += "vs @adobe/jwt-auth | 0.1.0, this run | vs 0.1.0 | 0.1.0, its doc | goal | verdict |"
+    lines = [head, "|---|---:|---|---:|---:|---|---|---:|---|---:|---|---|"]
     for row in found:
         f = row.figure
         verdict = "" if row.met is None else ("met" if row.met else "**missed**")
@@ -215,6 +240,8 @@ def table(found: list[Row]) -> str:
             _num(row.node.median if row.node else None, f.digits, f.unit),
             _ratio(row.vs_floor),
             _ratio(row.vs_node),
+            _num(row.v010_now.median if row.v010_now else None, f.digits, f.unit),
+            _ratio(row.vs_v010),
             _num(f.v010, f.digits, f.unit),
             f.goal.text if f.goal else "",
             verdict,
@@ -280,6 +307,7 @@ def imports(results: Results) -> str:
 def render(results: Results, meta: dict[str, Any], plan: Any) -> str:
     found = rows(results)
     values = {
+        "baseline": "not run in this run",  # results saved before 0.1.0 ran beside us
         **{k: str(v) for k, v in meta.items()},
         **{f"plan_{k}": f"{v:,g}" for k, v in vars(plan).items()},
         "results": table(found),

@@ -17,6 +17,8 @@ Environment (each also a flag):
                   emulator stays this tree's)
   BENCH_REV=REV   --rev: refresher/ as committed at a git revision of this tree (HEAD
                   while others edit the working tree; v0.1.0 to compare)
+  BENCH_BASELINE=REV  --baseline: the 0.1.0 measured beside the refresher (default
+                  subjects.BASELINE_REV, 0.1.0 as released; "none": without it)
   BENCH_OUT=FILE  --out: where the document goes; by default only a full run of every
                   section on this tree (or --rev) writes docs/benchmarks.md
   BENCH_KEEP=1    --keep the scratch directory, with every process's logs
@@ -47,7 +49,16 @@ from typing import Any
 import figures
 import report
 from measuring import MIB, Workspace, loadavg
-from subjects import NODE_DIR, ROOT, Emulator, Lab, compile_sources, floor, refresher
+from subjects import (
+    BASELINE_REV,
+    NODE_DIR,
+    ROOT,
+    Emulator,
+    Lab,
+    compile_sources,
+    floor,
+    refresher,
+)
 
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "bench" / "results.json"  # the data of DOC, for --render
@@ -69,6 +80,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--only", default=env("BENCH_ONLY", ""), help="sections, comma-separated")
     parser.add_argument("--src", default=env("BENCH_SRC"), help="refresher source tree")
     parser.add_argument("--rev", default=env("BENCH_REV"), help="git revision of refresher/")
+    parser.add_argument(
+        "--baseline",
+        default=env("BENCH_BASELINE", BASELINE_REV),
+        help="git revision run beside the refresher as 0.1.0; 'none' for no such subject",
+    )
     parser.add_argument("--out", default=env("BENCH_OUT"), help="write the document here")
     parser.add_argument("--keep", action="store_true", default=env("BENCH_KEEP") == "1")
     parser.add_argument(
@@ -200,8 +216,15 @@ def measure(args: argparse.Namespace, plan: figures.Plan) -> tuple[figures.Resul
     lab = Lab(space)
     results = figures.Results()
     loads: list[str] = []  # 1-minute load average as each section starts
+    baseline = "not run in this run"
     try:
-        compile_sources(space)
+        if args.baseline != "none":
+            try:
+                lab.baseline = _export(args.baseline, space.work / "baseline")
+                baseline = f"commit {_short(args.baseline)}"
+            except subprocess.CalledProcessError:  # a shallow clone, say
+                lab.notes["0.1.0"] = f"revision {args.baseline} not in this clone: not run"
+        compile_sources(space, *([lab.baseline] if lab.baseline else []))
         lab.install_node_peer()
         if {"memory", "idle", "imports"} & set(sections):
             lab.start_fake_apiserver()
@@ -233,6 +256,7 @@ def measure(args: argparse.Namespace, plan: figures.Plan) -> tuple[figures.Resul
         f"after it; 1-minute load as each section started: {', '.join(loads)}"
         + (". **Taken under load**: other work shared the machine" if busy else ""),
         "revision": revision,
+        "baseline": baseline,
         "python_versions": python_versions,
         "node_versions": node_versions,
         "commands": commands,

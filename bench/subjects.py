@@ -7,7 +7,11 @@
   else, parsing the key once: the least any Python implementation pays;
 - Adobe's own Node client, `@adobe/jwt-auth` (bench/peer_jwt_auth.js), installed from
   npm into bench/.node;
-- the webhook, `refresher injector` (bench/injector.py).
+- the webhook, `refresher injector` (bench/injector.py);
+- 0.1.0 itself (its `refresher/` exported from git, BASELINE_REV), beside today's
+  refresher in the same run wherever its flags allow: `once`, and `run` to a file sink
+  and to file + Secret sinks (it has no `--min-token-lifetime`, so no back-to-back
+  cycles).
 
 The emulator (`python -m ims_emulator`) is a process of its own, so its CPU is never
 counted, and always this tree's, so that BENCH_SRC changes only the refresher.
@@ -36,6 +40,11 @@ NODE_DIR = BENCH / ".node"
 NODE_PACKAGE = "@adobe/jwt-auth@2"
 PYTHON = Path(sys.executable)
 REFRESHER = PYTHON.parent / "refresher"
+
+# 0.1.0 as released (2026-11-26): measured beside today's refresher in the same run,
+# so that "no figure worse than 0.1.0's" is judged on one machine at one time.
+BASELINE_REV = "0935144"
+BASELINE_LABEL = "0.1.0"
 
 # The refresher logs this line after each publish: one per cycle.
 REFRESHER_MARK = b'"next refresh scheduled"'
@@ -82,6 +91,7 @@ class Subject:
     data_link: bool  # publishes DIR/..data (the refresher) rather than one file (the peers)
     mark: bytes  # one stdout line holding this per published token
     secret: bool = False
+    src: Path | None = None  # another refresher tree on PYTHONPATH (0.1.0, side by side)
 
     def target(self, out: Path) -> Path:
         return out / "..data" if self.data_link else out
@@ -130,6 +140,7 @@ class Lab:
         self.notes: dict[str, str] = {}
         self.api: Any = None
         self.kubeconfig: Path | None = None
+        self.baseline: Path | None = None  # 0.1.0's refresher tree, when exported
 
     def node_argv(self, loop_s: float | None) -> Argv:
         def argv(emulator: Emulator, out: Path) -> list[str]:
@@ -151,6 +162,15 @@ class Lab:
             "once", "refresher once", refresher("once", listen=False), True, REFRESHER_MARK
         )
         found["run"] = Subject("run", "refresher run", refresher("run"), True, REFRESHER_MARK)
+        if self.baseline is not None:
+            found["v010_once"] = Subject(
+                "v010_once",
+                f"{BASELINE_LABEL} once",
+                refresher("once", listen=False),
+                True,
+                REFRESHER_MARK,
+                src=self.baseline,
+            )
         return found
 
     def loops(
@@ -178,6 +198,25 @@ class Lab:
                 REFRESHER_MARK,
                 secret=True,
             )
+        if self.baseline is not None and min_lifetime_s is None:
+            found["v010"] = Subject(
+                "v010",
+                f"{BASELINE_LABEL} run",
+                refresher("run"),
+                True,
+                REFRESHER_MARK,
+                src=self.baseline,
+            )
+            if secret and self.api is not None:
+                found["v010_secret"] = Subject(
+                    "v010_secret",
+                    f"{BASELINE_LABEL} run + Secret",
+                    refresher("run", secret="bench-base"),
+                    True,
+                    REFRESHER_MARK,
+                    secret=True,
+                    src=self.baseline,
+                )
         return found
 
     def spawn(
@@ -185,7 +224,11 @@ class Lab:
     ) -> subprocess.Popen[bytes]:
         kubeconfig = self.kubeconfig if subject.secret else None
         return self.space.spawn(
-            subject.argv(emulator, out), kubeconfig=kubeconfig, name=subject.key, **kw
+            subject.argv(emulator, out),
+            kubeconfig=kubeconfig,
+            name=subject.key,
+            src=subject.src or True,
+            **kw,
         )
 
     # ------------------------------------------------------------------------- setup
@@ -259,12 +302,15 @@ class Lab:
                 self.api.__exit__(None, None, None)
 
 
-def compile_sources(space: Workspace) -> None:
+def compile_sources(space: Workspace, *more: Path) -> None:
     """Byte-compile the refresher ahead, as the image does (`compileall` in the Dockerfile)."""
-    tree = (space.src or ROOT) / "refresher"
-    subprocess.run(
-        [str(PYTHON), "-m", "compileall", "-q", str(tree)], check=True, env=space.env(), cwd=ROOT
-    )
+    for tree in [space.src or ROOT, *more]:
+        subprocess.run(
+            [str(PYTHON), "-m", "compileall", "-q", str(tree / "refresher")],
+            check=True,
+            env=space.env(),
+            cwd=ROOT,
+        )
 
 
 def emulator_log(emulator: Emulator) -> str:
