@@ -9,9 +9,9 @@
   npm into bench/.node;
 - the webhook, `refresher injector` (bench/injector.py);
 - 0.1.0 itself (its `refresher/` exported from git, BASELINE_REV), beside today's
-  refresher in the same run wherever its flags allow: `once`, and `run` to a file sink
-  and to file + Secret sinks (it has no `--min-token-lifetime`, so no back-to-back
-  cycles).
+  refresher in the same run: `once`, and `run` to a file sink and to file + Secret
+  sinks (without `--min-token-lifetime`, which 0.1.0 did not have: it took sub-second
+  tokens as they came).
 
 The emulator (`python -m ims_emulator`) is a process of its own, so its CPU is never
 counted, and always this tree's, so that BENCH_SRC changes only the refresher.
@@ -198,7 +198,8 @@ class Lab:
                 REFRESHER_MARK,
                 secret=True,
             )
-        if self.baseline is not None and min_lifetime_s is None:
+        if self.baseline is not None:
+            # 0.1.0 had no --min-token-lifetime: it took sub-second tokens as they came.
             found["v010"] = Subject(
                 "v010",
                 f"{BASELINE_LABEL} run",
