@@ -5,6 +5,7 @@ Leads for optimising, not figures of docs/benchmarks.md (profiling slows the pro
     .venv/bin/python bench/cycle_profile.py cpu     # cProfile of the refresh loop's thread
     .venv/bin/python bench/cycle_profile.py alloc   # tracemalloc: what the cycles keep, peaks
     .venv/bin/python bench/cycle_profile.py cpu --cycles 300 --top 40
+    CYCLE_CALLERS='isinstance' .venv/bin/python bench/cycle_profile.py cpu  # + who calls it
 
 `refresher run` runs with its defaults (JSON logs, probes served on 127.0.0.1:0) against
 the emulator with 0.1 s tokens, inside a wrapper process that calls the CLI in its main
@@ -84,6 +85,8 @@ def _profile_cpu(argv: list[str], cycles: int, warmup: int, top: int) -> str:
     out.write(f"exit {code}; {total} cycles profiled (times are totals: divide by {total})\n")
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
+    if os.environ.get("CYCLE_CALLERS"):
+        stats.print_callers(os.environ["CYCLE_CALLERS"])
     return out.getvalue()
 
 
