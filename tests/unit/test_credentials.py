@@ -816,6 +816,56 @@ def test_in_place_edit_changes_signature(tmp_path: Path) -> None:
     assert change_signature(path) != before
 
 
+def _retarget(link: Path, target: str) -> None:
+    (link.parent / "new-link").symlink_to(target)
+    (link.parent / "new-link").replace(link)
+
+
+def _replace_by_rename(path: Path) -> None:
+    (path.parent / "new.json").write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    (path.parent / "new.json").replace(path)
+
+
+@pytest.mark.parametrize(
+    ("layout", "change"),
+    [
+        # The watch check stats a plain file once (lstat, whose fields a stat would repeat):
+        # a change that only its metadata shows must still be seen.
+        ("file", lambda p: p.chmod(0o400)),
+        ("file", _replace_by_rename),
+        ("file", lambda p: os.utime(p, ns=(1, 1))),
+        # PATH a link of its own (not kubelet's): retargeted, or its target edited.
+        ("link", lambda p: _retarget(p, "b.json")),
+        ("link", lambda p: (p.parent / "a.json").write_text("{}", encoding="utf-8")),
+        # PATH a directory: a key appears, or a key's file is replaced.
+        ("dir", lambda p: (p / "extra.json").write_text("{}", encoding="utf-8")),
+        ("dir", lambda p: _replace_by_rename(p / "creds.json")),
+    ],
+    ids=["chmod", "rename-over", "mtime", "link-retarget", "link-target-edit", "dir-new-key",
+         "dir-key-renamed-over"],
+)  # fmt: skip
+def test_signature_sees_every_kind_of_change(
+    tmp_path: Path, layout: str, change: Callable[[Path], object]
+) -> None:
+    document = keys.oauth_document()
+    if layout == "dir":
+        path = tmp_path / "creds"
+        path.mkdir()
+        keys.write_json(path / "creds.json", document)
+    elif layout == "link":
+        keys.write_json(tmp_path / "a.json", document)
+        keys.write_json(tmp_path / "b.json", document)
+        path = tmp_path / "creds.json"
+        path.symlink_to("a.json")
+    else:
+        path = keys.write_json(tmp_path / "creds.json", document)
+    before = change_signature(path)
+    assert change_signature(path) == before
+    assert change_signature(str(path)) == before  # the loop passes a str or a Path alike
+    change(path)
+    assert change_signature(path) != before
+
+
 def test_signature_never_raises_and_sees_appearance(tmp_path: Path) -> None:
     """A missing PATH has a signature too, which changes once the file appears."""
     path = tmp_path / "later.json"
