@@ -71,6 +71,19 @@ else:
 ' || fail "the sandbox is not a restricted pod"
 ok "read-only root, uid/gid $uid, no capabilities, no_new_privs, loopback only"
 
+# --- the Secret sink's client: whole, though the Dockerfile deletes kubernetes.aio -----------
+"${as_pod[@]}" python -c '
+import importlib, importlib.util
+# Every module the Secret sink loads (refresher/sinks/secret.py), and the package itself.
+for name in ("kubernetes", "kubernetes.client", "kubernetes.client.configuration",
+             "kubernetes.client.rest", "kubernetes.client.exceptions",
+             "kubernetes.config.config_exception", "kubernetes.config.incluster_config",
+             "kubernetes.config.kube_config", "kubernetes.watch", "kubernetes.stream"):
+    importlib.import_module(name)
+assert importlib.util.find_spec("kubernetes.aio") is None, "kubernetes.aio is in the image"
+' || fail "the kubernetes client does not import in the image"
+ok "the Secret sink's kubernetes client imports; kubernetes.aio is not shipped"
+
 # --- the emulator, from the same image ---------------------------------------------
 "${as_pod[@]}" refresher emulator --port 0 --port-file /run/ims-emulator/port \
   --write-credentials /run/ims-emulator/credentials --token-ttl 120 \

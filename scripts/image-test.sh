@@ -39,9 +39,9 @@ WORK="${IMAGE_TEST_DIR:-/var/tmp/ims-token-refresher-image-test}"
 BASE=localhost/ims-token-refresher-standin-python:trixie
 IMAGE=localhost/ims-token-refresher:image-test
 UID_GID=65532
-# Keep the image small: the limit the issue set, with room for the stand-in's
-# pip, which the official slim image also carries.
-MAX_SIZE_MIB=320
+# Keep the image small: the issue's limit of ~320 MB is 305 MiB; the stand-in
+# carries Debian's pip and venv packages, which the official slim base does not.
+MAX_SIZE_MIB=305
 mkdir -p "$WORK"
 
 # A storage of our own: nothing of the machine's containers is touched, and
