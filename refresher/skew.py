@@ -11,14 +11,25 @@ IMS's clock to within half the round trip plus a second. Hence:
   further than `STEP_S` from it is a clock step (NTP correcting a node, a VM resumed)
   and is taken at once;
 - an estimate under `RESOLUTION_S` in size reads as 0: that is the header's own noise,
-  and a JWT needs no correction for it.
+  and a JWT needs no correction for it;
+- between answers, the estimate follows steps of this node's clock: the wall clock
+  minus the boot clock (`boot_epoch`) is constant until someone sets the wall clock
+  (NTP stepping it, an operator), and changes by exactly the step. So once a skewed
+  node's clock is fixed, the gauge (read at every scrape) and the next JWT's signing
+  offset are right at once, not after the next exchange, hours later. The boot clock
+  counts a suspended VM's sleep, as the wall clock does, so a resume is no step. A
+  clock slewed back slowly (NTP's gradual correction) moves both clocks alike, and is
+  followed at the next exchange instead.
 
-Pure: the caller passes the header and the two instants of its own clock.
+The caller passes the header and the two instants of its own clock; the step
+tracking reads the two system clocks through `epoch` (injectable for tests).
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -28,6 +39,13 @@ SMOOTHING = 0.25
 MAX_SAMPLE_RTT_S = 10.0
 # A Date further off than this is a broken header (or a proxy's), not a clock to sign for.
 MAX_SKEW_S = 7 * 86400.0
+# Linux's CLOCK_BOOTTIME counts suspend; elsewhere the monotonic clock is the best there is.
+_BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def boot_epoch() -> float:
+    """The wall clock minus the boot clock: constant until the wall clock is set."""
+    return time.time() - time.clock_gettime(_BOOT_CLOCK)
 
 
 def parse_http_date(value: str | None) -> datetime | None:
@@ -62,10 +80,14 @@ def sample_offset(
 
 
 class SkewEstimate:
-    """The running estimate of IMS's clock minus ours. Not thread-safe: one exchanger."""
+    """The running estimate of IMS's clock minus ours. Not thread-safe: one exchanger
+    observes; other threads (a metrics scrape) only read `offset_s`."""
 
-    def __init__(self) -> None:
-        self._estimate_s: float | None = None
+    def __init__(self, epoch: Callable[[], float] = boot_epoch) -> None:
+        self._epoch = epoch
+        # (estimate, `epoch()` when it was made): one attribute, replaced whole, so that a
+        # reader in another thread never pairs a new estimate with an old epoch.
+        self._state: tuple[float, float] | None = None
 
     def observe(
         self, date_header: str | None, sent_at: datetime, received_at: datetime
@@ -74,21 +96,30 @@ class SkewEstimate:
         sample = sample_offset(date_header, sent_at, received_at)
         if sample is None:
             return None
-        current = self._estimate_s
+        current = self._current()
         if current is None or abs(sample - current) > STEP_S:
-            self._estimate_s = sample
+            estimate = sample
         else:
-            self._estimate_s = current + SMOOTHING * (sample - current)
+            estimate = current + SMOOTHING * (sample - current)
+        self._state = (estimate, self._epoch())
         return sample
 
     @property
     def measured(self) -> bool:
-        return self._estimate_s is not None
+        return self._state is not None
 
     @property
     def offset_s(self) -> float:
         """IMS's clock minus ours, seconds; 0 when unknown or within the header's noise."""
-        return significant(self._estimate_s or 0.0)
+        return significant(self._current() or 0.0)
+
+    def _current(self) -> float | None:
+        """The estimate less every step of our wall clock since it was made."""
+        state = self._state
+        if state is None:
+            return None
+        estimate, epoch_at = state
+        return estimate - (self._epoch() - epoch_at)
 
 
 def significant(offset_s: float) -> float:

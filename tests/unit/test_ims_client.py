@@ -21,6 +21,7 @@ from refresher.config import build_settings
 from refresher.credentials import load_credentials
 from refresher.errors import ExchangeError, LocalSetup, Rejected, Transient
 from refresher.ims import MAX_BODY_BYTES, ImsClient
+from refresher.skew import SkewEstimate, boot_epoch
 from tests.support.harness import Harness
 
 
@@ -402,6 +403,41 @@ def test_an_expired_verdict_explained_by_skew_is_re_signed_at_once(
     assert len(scripted.seen) == 3  # type: ignore[attr-defined]
     assert abs(_exp_of(scripted.seen[2][1]) - (int(time.time()) + 900)) <= 3  # type: ignore[attr-defined]
     assert sum("off this node's" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_fixed_node_clock_is_followed_before_the_next_exchange(
+    scripted: ThreadingHTTPServer, harness: Harness
+) -> None:
+    """The node is 600 s behind IMS; its clock is then stepped right (NTP). The gauge reads
+    the fix at once (it is read at every scrape), and the next JWT is signed for the fixed
+    clock, not with the stale 600 s on top (exp 900 s ahead of IMS: 0.1.0 signed so until
+    the next exchange, and the alert kept firing for hours).
+
+    Faked: the node's clock. A test may not set the machine's clock, so the client's two
+    clock readings (its `now` and the skew's wall-minus-boot epoch) step together here.
+    """
+    scripted.offset_s = 600.0  # type: ignore[attr-defined]
+    scripted.script = [  # type: ignore[attr-defined]
+        _rejection(400, "invalid_token", "JWT token is expired"),
+        _ok(86_399_999),
+        _ok(86_399_999),
+    ]
+    step = {"s": 0.0}
+
+    def node_now() -> datetime:
+        return now() + timedelta(seconds=step["s"])
+
+    client = client_for(url_of(scripted))
+    client.skew = SkewEstimate(epoch=lambda: boot_epoch() + step["s"])
+    credentials = load_credentials(harness.aem)
+    client.exchange(credentials, node_now)
+    assert 598 <= client.clock_skew_s <= 602
+    step["s"] = 600.0  # the node's clock is set right: IMS's clock is now the node's
+    assert client.clock_skew_s == 0.0
+    client.exchange(credentials, node_now)
+    ims_now = int(time.time()) + 600
+    assert abs(_exp_of(scripted.seen[2][1]) - (ims_now + 300)) <= 3  # type: ignore[attr-defined]
+    assert client.clock_skew_s == 0.0
 
 
 def test_an_expired_verdict_no_skew_explains_is_a_rejection_with_its_hint(

@@ -4,6 +4,7 @@ units and the lifetime cross-check."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -20,7 +21,7 @@ from refresher.ims import (
     parse_retry_after,
     token_lifetime_s,
 )
-from refresher.skew import SkewEstimate, sample_offset, significant
+from refresher.skew import SkewEstimate, boot_epoch, sample_offset, significant
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 FUZZ_SETTINGS = settings(max_examples=200, deadline=None)
@@ -261,6 +262,30 @@ def test_the_estimate_smooths_noise_and_follows_steps() -> None:
     assert skew.offset_s == 0.0  # |0.5| is noise
     observe(-120)
     assert skew.offset_s == -119.5
+
+
+def test_the_estimate_follows_steps_of_our_own_clock_between_answers() -> None:
+    """Our wall clock set forward by 600 s (a node 600 s behind, fixed) takes 600 s off the
+    estimate at once; set back 100 s, it adds 100. A later answer is judged against the
+    estimate so corrected (a sample agreeing with it is noise, not a step)."""
+    epoch = [0.0]
+    skew = SkewEstimate(epoch=lambda: epoch[0])
+    skew.observe(_date(NOW + timedelta(seconds=600)), NOW, NOW)
+    assert skew.offset_s == 600.5
+    epoch[0] += 600.0
+    assert skew.offset_s == 0.0
+    epoch[0] -= 100.0
+    assert skew.offset_s == 100.5
+    later = NOW + timedelta(seconds=500)  # our clock now reads 500 s later than it did
+    skew.observe(_date(later + timedelta(seconds=104)), later, later)
+    assert skew.offset_s == pytest.approx(101.5)  # smoothed: within 5 s of 100.5
+
+
+def test_the_boot_epoch_stands_still_while_nobody_sets_the_clock() -> None:
+    """Wall minus boot clock: two reads a moment apart agree to well under a second."""
+    first = boot_epoch()
+    time.sleep(0.05)
+    assert abs(boot_epoch() - first) < 0.01
 
 
 @FUZZ_SETTINGS
