@@ -367,6 +367,7 @@ class ImsClient:
     def _request(
         self, credentials: Credentials, secret: str, base: str, now: Callable[[], datetime]
     ) -> AccessToken:
+        epoch_sent = self.skew.epoch()  # before `sent_at`: see SkewEstimate.observe
         sent_at = now()
         if credentials.flow == "jwt":
             self._signed_with_s = self.skew.offset_s if self._sign_for_ims_clock else 0.0
@@ -393,7 +394,7 @@ class ImsClient:
         try:
             answer = self.transport.post(url, form)
             received_at = now()
-            self._observe_skew(answer.headers.get("Date"), sent_at, received_at)
+            self._observe_skew(answer.headers.get("Date"), sent_at, received_at, epoch_sent)
             if answer.status != 200:
                 raise classify_response(
                     answer.status, answer.body, answer.headers, received_at, sensitive=sensitive
@@ -407,8 +408,10 @@ class ImsClient:
                 exc.debug_id = short(redact(exc.debug_id, sensitive), 120)
             raise
 
-    def _observe_skew(self, date: str | None, sent_at: datetime, received_at: datetime) -> None:
-        self.skew.observe(date, sent_at, received_at)
+    def _observe_skew(
+        self, date: str | None, sent_at: datetime, received_at: datetime, epoch_sent: float
+    ) -> None:
+        self.skew.observe(date, sent_at, received_at, epoch_sent)
         skew_s = self.skew.offset_s
         if abs(skew_s) > SKEW_WARN_S:
             self._once(

@@ -12,14 +12,16 @@ IMS's clock to within half the round trip plus a second. Hence:
   and is taken at once;
 - an estimate under `RESOLUTION_S` in size reads as 0: that is the header's own noise,
   and a JWT needs no correction for it;
-- between answers, the estimate follows steps of this node's clock: the wall clock
-  minus the boot clock (`boot_epoch`) is constant until someone sets the wall clock
-  (NTP stepping it, an operator), and changes by exactly the step. So once a skewed
-  node's clock is fixed, the gauge (read at every scrape) and the next JWT's signing
-  offset are right at once, not after the next exchange, hours later. The boot clock
-  counts a suspended VM's sleep, as the wall clock does, so a resume is no step. A
-  clock slewed back slowly (NTP's gradual correction) moves both clocks alike, and is
-  followed at the next exchange instead.
+- between answers, the estimate follows steps of this node's clock that explain it:
+  the wall clock minus the boot clock (`boot_epoch`) is constant until someone sets the
+  wall clock, and changes by exactly the step. So once a skewed node's clock is fixed
+  (NTP stepping it), the gauge (read at every scrape) and the next JWT's signing offset
+  are right at once, not after the next exchange, hours later. A step that would make
+  the estimate larger is not followed (a hypervisor that froze the VM and then stepped
+  its wall clock looks the same from inside), nor is a clock slewed back slowly (NTP's
+  gradual correction moves both clocks alike): the next exchange measures those. The
+  boot clock counts a suspended VM's sleep, as the wall clock does, so a suspend and
+  resume is no step. An answer that straddles a step is not used.
 
 The caller passes the header and the two instants of its own clock; the step
 tracking reads the two system clocks through `epoch` (injectable for tests).
@@ -39,6 +41,8 @@ SMOOTHING = 0.25
 MAX_SAMPLE_RTT_S = 10.0
 # A Date further off than this is a broken header (or a proxy's), not a clock to sign for.
 MAX_SKEW_S = 7 * 86400.0
+# Wall minus boot clock moves by less than this between two reads unless the clock is set.
+EPOCH_NOISE_S = 1.0
 # Linux's CLOCK_BOOTTIME counts suspend; elsewhere the monotonic clock is the best there is.
 _BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
@@ -89,19 +93,36 @@ class SkewEstimate:
         # reader in another thread never pairs a new estimate with an old epoch.
         self._state: tuple[float, float] | None = None
 
+    def epoch(self) -> float:
+        """Our wall clock minus our boot clock now: read it before sending, and pass it to
+        `observe`, so that an answer that straddles a step of our clock is not used."""
+        return self._epoch()
+
     def observe(
-        self, date_header: str | None, sent_at: datetime, received_at: datetime
+        self,
+        date_header: str | None,
+        sent_at: datetime,
+        received_at: datetime,
+        epoch_sent: float | None = None,
     ) -> float | None:
-        """Fold one answer's `Date` into the estimate; returns the sample (None if unusable)."""
+        """Fold one answer's `Date` into the estimate; returns the sample (None if unusable).
+
+        `epoch_sent` is `epoch()` read before `sent_at`: if our clock was set between then
+        and now, `sent_at`, `received_at` and the epoch stored with the estimate may be
+        readings of different clocks, and the sample is not used.
+        """
+        epoch_now = self._epoch()
+        if epoch_sent is not None and abs(epoch_now - epoch_sent) > EPOCH_NOISE_S:
+            return None
         sample = sample_offset(date_header, sent_at, received_at)
         if sample is None:
             return None
-        current = self._current()
+        current = self._current(epoch_now)
         if current is None or abs(sample - current) > STEP_S:
             estimate = sample
         else:
             estimate = current + SMOOTHING * (sample - current)
-        self._state = (estimate, self._epoch())
+        self._state = (estimate, epoch_now)
         return sample
 
     @property
@@ -111,15 +132,20 @@ class SkewEstimate:
     @property
     def offset_s(self) -> float:
         """IMS's clock minus ours, seconds; 0 when unknown or within the header's noise."""
-        return significant(self._current() or 0.0)
+        return significant(self._current(self._epoch()) or 0.0)
 
-    def _current(self) -> float | None:
-        """The estimate less every step of our wall clock since it was made."""
+    def _current(self, epoch_now: float) -> float | None:
+        """The estimate, less the steps of our wall clock since it was made when they explain
+        it (bring it closer to 0): a skewed node's clock being fixed. A step away from 0
+        waits for IMS's next answer: from inside, a hypervisor that froze the VM's clocks
+        and stepped the wall clock on resume looks the same as an operator setting it wrong.
+        """
         state = self._state
         if state is None:
             return None
         estimate, epoch_at = state
-        return estimate - (self._epoch() - epoch_at)
+        corrected = estimate - (epoch_now - epoch_at)
+        return corrected if abs(corrected) < abs(estimate) else estimate
 
 
 def significant(offset_s: float) -> float:

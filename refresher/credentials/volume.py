@@ -146,7 +146,7 @@ def change_signature(path: str | os.PathLike[str]) -> tuple[object, ...]:
     `os` calls on strings (no pathlib objects): an lstat, a stat only when PATH is a
     link, the `..data` readlink, and for a directory one scandir and a stat per key.
     """
-    name = os.fspath(path)
+    name = _normal(os.fspath(path))
     link = _stat_part(name, follow=False)
     # A stat that follows nothing would return the very same fields.
     target = _stat_part(name) if link[0] == "error" or S_ISLNK(link[0]) else link
@@ -169,6 +169,12 @@ def _directory_signature(
         parts.append(("listdir", exc.errno))
     parts.extend((entry, _stat_part(path)) for entry, path in found)
     return tuple(parts)
+
+
+@functools.lru_cache(maxsize=8)
+def _normal(name: str) -> str:
+    """NAME as a Path spells it: `creds.json/` would be ENOTDIR to stat, every time."""
+    return str(Path(name))
 
 
 @functools.lru_cache(maxsize=8)
