@@ -201,20 +201,31 @@ def cycles(lab: Lab, plan: Plan, results: Results) -> None:
 def long(lab: Lab, plan: Plan, results: Results) -> None:
     """Many back-to-back cycles with very short tokens: is CPU per cycle, or RSS, growing?"""
     emulator = Emulator(lab.space, plan.long_ttl_s)
+    kinds = lab.loops(round(plan.long_ttl_s * 0.75, 3), secret=False)
     subject = lab.loops(None, secret=False, min_lifetime_s=plan.min_lifetime_s)["run"]
     at = [1 + k * plan.long_window for k in range(plan.long_cycles // plan.long_window + 1)]
+    # The floor loops alongside for the whole run and is sampled at the same instants: a
+    # minute of a busier machine raises both, and the ratio of the two cancels it.
+    floor = _follow(lab, kinds["floor"], emulator, [10**9])
     follower = _follow(lab, subject, emulator, at)
+    follower.beside = floor
     try:
         follower.wait(plan.long_cycles * 0.2 + 120)
     finally:
         lab.space.stop(follower.child)
+        lab.space.stop(floor.child)
     windows: list[dict[str, Any]] = []
     for begin, end in itertools.pairwise(at):
         a, b = follower.between(begin, end)
+        (fa, fa_count), (fb, fb_count) = (follower.beside_samples[k] for k in (begin, end))
+        cpu_ms = (b.cpu_ns - a.cpu_ns) / 1e6 / plan.long_window
+        floor_ms = (fb.cpu_ns - fa.cpu_ns) / 1e6 / max(1, fb_count - fa_count)
         windows.append(
             {
                 "cycles": f"{begin}-{end - 1}",
-                "cpu_ms": (b.cpu_ns - a.cpu_ns) / 1e6 / plan.long_window,
+                "cpu_ms": cpu_ms,
+                "floor_cpu_ms": floor_ms,
+                "vs_floor": cpu_ms / floor_ms if floor_ms else float("nan"),
                 "wall_ms": (b.at - a.at) * 1000 / plan.long_window,
                 "rss_mib": b.rss_kib / MIB,
                 "hwm_mib": b.hwm_kib / MIB,
@@ -234,6 +245,10 @@ def long(lab: Lab, plan: Plan, results: Results) -> None:
         # Less sensitive to one noisy window: the last three against the 2nd to 4th.
         "cpu_trend": statistics.median(w["cpu_ms"] for w in windows[-3:])
         / statistics.median(w["cpu_ms"] for w in windows[1:4]),
+        # The same, of CPU per cycle relative to the floor's in the same window: growth of
+        # the refresher's own, with the machine's drift over the run cancelled.
+        "vs_floor_trend": statistics.median(w["vs_floor"] for w in windows[-3:])
+        / statistics.median(w["vs_floor"] for w in windows[1:4]),
         "rss_mib": last["rss_mib"],
         "rss_growth_mib": last["rss_mib"] - first["rss_mib"],
     }

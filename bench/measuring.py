@@ -279,6 +279,10 @@ class Follower:
         self.target = max(at)
         self.count = 0
         self.samples: dict[int, Sample] = {}
+        # Another process followed alongside (the floor, sharing the machine's noise),
+        # sampled at the same instants: (its sample, its count of marks then).
+        self.beside: Follower | None = None
+        self.beside_samples: dict[int, tuple[Sample, int]] = {}
         self.done = threading.Event()
         self.last_lines: deque[bytes] = deque(maxlen=10)
         self._thread = threading.Thread(target=self._follow, daemon=True)
@@ -292,6 +296,9 @@ class Follower:
                 if self.count in self.at:
                     with contextlib.suppress(OSError):
                         self.samples[self.count] = sample(self.child.pid)
+                        if self.beside is not None:
+                            other = self.beside
+                            self.beside_samples[self.count] = (sample(other.child.pid), other.count)
                 if self.count >= self.target:
                     self.done.set()
             else:
