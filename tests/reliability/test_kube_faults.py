@@ -238,19 +238,24 @@ def _storm(
     stop = threading.Event()
     bumps = 0
 
-    def other_writer() -> None:
+    def mutate(obj: dict[str, Any]) -> None:
+        # Runs under the API server's lock, so generations are numbered in write order
+        # whether the bump comes from this thread or from a hook inside a replica's PUT.
         nonlocal bumps
+        obj["metadata"].setdefault("annotations", {})[OTHER] = str(bumps)
+        bumps += 1
+
+    def other_writer() -> None:
         rng = random.Random()
         while not stop.wait(rng.uniform(0.001, 0.01)):
             if api.secret(NS, NAME) is None:
                 continue
-            generation = bumps
-
-            def mutate(obj: dict[str, Any], generation: int = generation) -> None:
-                obj["metadata"].setdefault("annotations", {})[OTHER] = str(generation)
-
             api.bump(NS, NAME, mutate)
-            bumps += 1
+            # Random bumps race the replicas' GET..PUT windows, which on a fast machine
+            # may all be missed (CI once saw 0 conflicts in 10 s). So also, now and then,
+            # land a bump exactly between a replica's GET and its next PUT: a certain 409.
+            if rng.random() < 0.05 and not api.pending_hooks("PUT"):
+                api.bump_before_next_write(NS, NAME, mutate)
 
     bumper = threading.Thread(target=other_writer, name="other-writer", daemon=True)
     bumper.start()

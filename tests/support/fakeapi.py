@@ -422,6 +422,11 @@ class FakeApiServer:
         with self._lock:
             self._hooks.append((method.upper(), hook))
 
+    def pending_hooks(self, method: str) -> int:
+        """How many `before_next` hooks still wait for a request with this HTTP method."""
+        with self._lock:
+            return sum(1 for hook_method, _ in self._hooks if hook_method == method.upper())
+
     def bump_before_next_write(
         self, namespace: str, name: str, mutate: Callable[[JsonObj], None] | None = None
     ) -> None:
