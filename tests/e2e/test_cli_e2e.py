@@ -231,7 +231,10 @@ def test_run_does_not_hammer_on_rejection(harness: Harness) -> None:
             "0.05",
         ),
     )
-    time.sleep(4)
+    # Both secrets tried (however long start-up takes), then 3 s in which a retry storm
+    # (backoff 0.05 s) would show.
+    wait_until(lambda: emulator.stats()["requests"]["oauth"] >= 2, timeout=20)
+    time.sleep(3)
     code, out = harness.stop(proc)
     assert code == 0
     # Two client secrets: each tried once, then the slow permanent-retry pause.

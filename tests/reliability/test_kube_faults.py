@@ -143,6 +143,12 @@ def _start(harness: Harness, api: FakeApiServer) -> Refresher:
     )
 
 
+def _stored_token(api: FakeApiServer) -> str | None:
+    """The access token in the stored Secret now (read under the fake's lock)."""
+    obj = api.secret(NS, NAME)
+    return None if obj is None else base64.b64decode(obj["data"]["access_token"]).decode()
+
+
 def _write_bodies_ok(api: FakeApiServer, book: TokenBook) -> int:
     """Every PUT/POST body the fake received is itself a consistent Secret."""
     bad = 0
@@ -177,10 +183,13 @@ def test_secret_survives_api_outage_and_forbidden(
         wait_until(lambda: watcher.current() != before_down, timeout=10)
         recovered_down = time.time() - up_at
 
-        before_403 = watcher.current()
+        api.forbid("update")
+        # The token kept is the one stored once updates are denied, not the watcher's last
+        # sight: a publish may follow the recovery's at once (its token was due meanwhile)
+        # and land just before the forbid, before the watcher's next look.
+        before_403 = _stored_token(api)
         expiry = book.expiry(before_403 or "")
         assert expiry is not None
-        api.forbid("update")
         time.sleep(max(0.0, expiry + 0.3 - time.time()))
         kept_403 = watcher.current() == before_403
         errors_403 = refresher.metrics().get(ERRORS, 0) - errors_down

@@ -58,6 +58,8 @@ def _soak(harness: Harness, duration_s: float, figures: dict[str, Any]) -> dict[
     emulator = harness.start_emulator(token_ttl_s=TOKEN_TTL_S)
     seed = random.randrange(1 << 30)
     emulator.set_faults(
+        # The first request fails whatever the draw, so a fault is certain in a short run.
+        queue=["503"],
         fail_rate=FAIL_RATE,
         mix=["500", "502", "503", "504", "429", "delay", "drop", "badjson", "html"],
         retry_after=RETRY_AFTER_S,

@@ -150,7 +150,8 @@ def test_small_answers_are_fast_on_a_kept_alive_connection(serve: Serve) -> None
         conn.getresponse().read()
         durations.append(time.perf_counter() - started)
     conn.close()
-    assert statistics.median(durations) < 0.01, durations
+    # A stall is >= 40 ms each; 20 ms leaves room for a loaded 2-CPU machine's wake-ups.
+    assert statistics.median(durations) < 0.02, durations
 
 
 @pytest.mark.parametrize(
@@ -277,8 +278,8 @@ def test_a_client_that_does_not_read_is_dropped_and_costs_nothing_else(serve: Se
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.sendall(b"GET /big HTTP/1.1\r\n\r\n")
         assert _status(_exchange(server, b"GET / HTTP/1.1\r\n\r\n")) == 200
-        wait_until(lambda: server.stats["timeouts"] >= 1, timeout=3)
-        assert server.stats["open"] == 0
+        # Counted just before it is closed: wait for both, not one then the other.
+        wait_until(lambda: server.stats["timeouts"] >= 1 and server.stats["open"] == 0, timeout=3)
 
 
 def test_at_the_connection_cap_the_quietest_connection_makes_room(serve: Serve) -> None:
